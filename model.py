@@ -160,7 +160,10 @@ class GPT(nn.Module):
         B, T = idx.shape
         start = 0 if cache is None else cache.pos
         if cache is not None:
-            assert cache.batch_size == B, "the cache was made for another batch size"
+            # A batch of 1 may fill an empty larger cache: a prompt shared by every sample is
+            # then computed once and its keys and values are broadcast to every row.
+            shared_prefill = B == 1 and start == 0
+            assert B == cache.batch_size or shared_prefill, "the cache was made for another batch size"
             assert start + T <= cache.max_len, "the cache is full: crop and prefill again"
         assert start + T <= self.config.block_size, "sequence longer than block_size"
         pos = torch.arange(start, start + T, device=idx.device)  # (T,)
