@@ -1,0 +1,504 @@
+"""Settings: the frozen dataclasses that hold each script's defaults, and the one parser that
+turns config files and command-line flags into them.
+
+`parse_settings(cls, argv)` works for any frozen dataclass whose fields are int, float, bool,
+str, `X | None` or `tuple[X, ...]`: the flags, the config-file keys and `--help` are all
+generated from the fields, so they never disagree. Each field's meaning is the "help" string
+in its metadata (`setting(default, "meaning")`), the one place it is written.
+
+Precedence: defaults < each config file, in the order given < flags. Config files are TOML,
+or nanoGPT-style `.py` files made only of `key = literal` lines, which are parsed with `ast`
+and never executed. Every user mistake is a `SettingsError`: one line that starts with the
+flag or file it is about, which scripts print as `error: <message>` and exit 2.
+
+`SampleSettings` holds `sample.py`'s settings and validates them (SAMPLING.md §3) when it is
+built, so a bad value is refused before any model loads.
+"""
+
+from __future__ import annotations
+
+import ast
+import difflib
+import math
+import os
+import re
+import sys
+import textwrap
+import tomllib
+import types
+import typing
+from dataclasses import dataclass, field, fields
+
+
+class SettingsError(ValueError):
+    """A user's mistake in a flag or a config file: one line, starting with the flag or file."""
+
+
+class HelpRequested(Exception):
+    """`-h`/`--help` was given. `text` is the help to print; the script then exits 0."""
+
+    def __init__(self, text):
+        super().__init__(text)
+        self.text = text
+
+
+def setting(default, help):
+    """A dataclass field with its meaning attached; `--help` prints it."""
+    return field(default=default, metadata={"help": help})
+
+
+# ---------------------------------------------------------------------------------------------
+# Field types
+
+@dataclass(frozen=True)
+class _Kind:
+    """What a field accepts: a scalar type, maybe None, maybe several of them."""
+    base: type       # int, float, bool or str
+    optional: bool   # `X | None`: the literal None is accepted
+    many: bool       # `tuple[X, ...]`: a repeatable flag, a list in config files
+
+    def describe(self):
+        what = {int: "an integer", float: "a number", bool: "true or false", str: "a string"}[self.base]
+        if self.many:
+            what = "a list of " + {int: "integers", float: "numbers", bool: "booleans", str: "strings"}[self.base]
+        return what + " or None" if self.optional else what
+
+    def metavar(self):
+        name = self.base.__name__.upper()
+        if self.base is bool and not self.many:
+            name = "[true|false]"
+        if self.many:
+            name = "STR (repeatable)" if self.base is str else f"{name}[,{name}...] (repeatable)"
+        return name + "|None" if self.optional else name
+
+
+def _kind_of(annotation):
+    optional = False
+    if typing.get_origin(annotation) in (typing.Union, types.UnionType):
+        rest = [a for a in typing.get_args(annotation) if a is not type(None)]
+        assert len(rest) == 1, f"only `X | None` unions are supported, not {annotation}"
+        optional, annotation = True, rest[0]
+    if typing.get_origin(annotation) is tuple:
+        args = typing.get_args(annotation)
+        assert len(args) == 2 and args[1] is Ellipsis and args[0] in (int, float, str), \
+            f"only tuple[int|float|str, ...] is supported, not {annotation}"
+        return _Kind(args[0], optional, True)
+    assert annotation in (int, float, bool, str), f"unsupported settings type {annotation}"
+    return _Kind(annotation, optional, False)
+
+
+def _kinds(cls):
+    assert cls.__dataclass_params__.frozen, f"{cls.__name__} must be a frozen dataclass"
+    hints = typing.get_type_hints(cls)
+    return {f.name: _kind_of(hints[f.name]) for f in fields(cls)}
+
+
+_TRUE = ("true", "yes", "on", "1")
+_FALSE = ("false", "no", "off", "0")
+
+
+def _short(value):
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def _scalar_from_text(base, text):
+    """A flag's text as `base`; ValueError saying what was expected."""
+    if base is str:
+        return text
+    if base is bool:
+        if text.lower() in _TRUE:
+            return True
+        if text.lower() in _FALSE:
+            return False
+        raise ValueError(f"expected true or false, got {_short(text)}")
+    try:
+        return base(text.strip())
+    except ValueError:
+        kind = "an integer" if base is int else "a number"
+        raise ValueError(f"expected {kind}, got {_short(text)}") from None
+
+
+def _value_from_text(kind, text):
+    """A flag's text as a value of the field's kind."""
+    if kind.optional and text == "None":
+        return None
+    if not kind.many:
+        return _scalar_from_text(kind.base, text)
+    if kind.base is str:
+        return (text,)  # one string per flag: stop strings may hold commas
+    parts = [p.strip() for p in text.split(",")]
+    if "" in parts:
+        raise ValueError(f"expected {kind.describe()} separated by commas, got {_short(text)}")
+    return tuple(_scalar_from_text(kind.base, p) for p in parts)
+
+
+def _scalar_from_file(base, value):
+    """A config file's value (TOML or a Python literal) checked against `base`."""
+    if base is bool:
+        ok = isinstance(value, bool)
+    elif base is int:
+        ok = isinstance(value, int) and not isinstance(value, bool)
+    elif base is float:
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+        value = float(value) if ok else value
+    else:
+        ok = isinstance(value, str)
+    if not ok:
+        raise ValueError(f"expected {_Kind(base, False, False).describe()}, got {_short(value)}")
+    return value
+
+
+def _value_from_file(kind, value):
+    # TOML has no null, so the string "None" means None there, as it does on the command line.
+    if kind.optional and (value is None or value == "None"):
+        return None
+    if not kind.many:
+        return _scalar_from_file(kind.base, value)
+    items = value if isinstance(value, (list, tuple)) else [value]
+    try:
+        return tuple(_scalar_from_file(kind.base, v) for v in items)
+    except ValueError:
+        raise ValueError(f"expected {kind.describe()}, got {_short(value)}") from None
+
+
+def _suggest(name, candidates, form):
+    close = difflib.get_close_matches(name, candidates, n=1, cutoff=0.6)
+    return f"; did you mean {form.format(close[0])}?" if close else "; see --help for the list"
+
+
+# ---------------------------------------------------------------------------------------------
+# Config files
+
+def read_config_file(path):
+    """Read a TOML or `key = literal` .py config file: {key: (value, where)}.
+
+    `where` names the file, and the line for .py files, for error messages. Keys are not
+    checked here; `parse_settings` checks them against the dataclass.
+    """
+    try:
+        with open(path, "rb") as f:
+            data = f.read()
+    except FileNotFoundError:
+        hint = f" (flags start with --, e.g. --{path})" if "=" in path else ""
+        raise SettingsError(f"{path}: no such config file{hint}") from None
+    except IsADirectoryError:
+        raise SettingsError(f"{path}: is a directory, not a config file") from None
+    except OSError as e:
+        raise SettingsError(f"{path}: cannot read the config file: {e.strerror}") from None
+    suffix = os.path.splitext(path)[1].lower()
+    if suffix not in (".toml", ".py"):
+        raise SettingsError(f"{path}: config files must be .toml or nanoGPT-style .py files")
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise SettingsError(f"{path}: not UTF-8 text (byte 0x{data[e.start]:02x} at offset {e.start})") from None
+    if suffix == ".toml":
+        try:
+            table = tomllib.loads(text)
+        except tomllib.TOMLDecodeError as e:
+            raise SettingsError(f"{path}: invalid TOML: {e}") from None
+        return {key: (value, path) for key, value in table.items()}
+    return _read_python_config(path, text)
+
+
+def _read_python_config(path, text):
+    # nanoGPT exec()s its config files; we only accept `name = literal` and never run anything.
+    try:
+        tree = ast.parse(text, filename=path)
+    except SyntaxError as e:
+        raise SettingsError(f"{path}:{e.lineno}: invalid Python syntax: {e.msg}") from None
+    lines = text.splitlines()
+    values = {}
+    for node in tree.body:
+        where = f"{path}:{node.lineno}"
+        if isinstance(node, ast.Expr) and isinstance(node.value, ast.Constant) \
+                and isinstance(node.value.value, str):
+            continue  # a docstring
+        if not (isinstance(node, ast.Assign) and len(node.targets) == 1
+                and isinstance(node.targets[0], ast.Name)):
+            found = lines[node.lineno - 1].strip()
+            found = found if len(found) <= 40 else found[:37] + "..."
+            raise SettingsError(f"{where}: only `key = literal` lines are allowed in a .py config, "
+                                f"found `{found}`")
+        name = node.targets[0].id
+        try:
+            value = ast.literal_eval(node.value)
+        except (ValueError, TypeError, SyntaxError, MemoryError, RecursionError):
+            raise SettingsError(f"{where}: {name}: the value must be a literal (a number, string, "
+                                f"True/False, None or a list of them), not an expression") from None
+        values[name] = (value, where)
+    return values
+
+
+# ---------------------------------------------------------------------------------------------
+# The parser
+
+def _looks_like_flag(arg, kinds):
+    name = arg[2:].partition("=")[0].replace("-", "_")
+    return arg.startswith("--") and (name in kinds or name in ("config", "help"))
+
+
+def parse_settings(cls, argv=None, *, prog=None, description=""):
+    """Build `cls` from defaults < config files (in order) < flags.
+
+    argv: the arguments (default sys.argv[1:]). Positional arguments and `--config=PATH` are
+    config files; `--key=value` and `--key value` set one field; a bool field's bare `--key`
+    means true; `None` sets an optional field to None; a tuple field's flag may be repeated
+    (flags replace a config file's list, repeats add to each other). Raises SettingsError on
+    any mistake, HelpRequested for -h/--help.
+    """
+    kinds = _kinds(cls)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    prog = prog or os.path.basename(sys.argv[0])
+    if "-h" in argv or "--help" in argv:
+        raise HelpRequested(settings_help(cls, prog=prog, description=description))
+
+    config_paths, flags = [], {}
+    i = 0
+    while i < len(argv):
+        arg = argv[i]
+        i += 1
+        if not arg.startswith("-"):
+            config_paths.append(arg)
+            continue
+        if not arg.startswith("--") or arg == "--":
+            raise SettingsError(f"{arg}: unknown flag; flags look like --key=value (see --help)")
+        name, has_value, text = arg[2:].partition("=")
+        name = name.replace("-", "_")  # --top-k works as well as nanoGPT's --top_k
+        if name == "config":
+            if not has_value:
+                if i >= len(argv) or _looks_like_flag(argv[i], kinds):
+                    raise SettingsError("--config: needs a file path")
+                text, i = argv[i], i + 1
+            config_paths.append(text)
+            continue
+        if name not in kinds:
+            raise SettingsError(f"--{name}: unknown flag" + _suggest(name, list(kinds), "--{}"))
+        kind = kinds[name]
+        if not has_value:
+            if kind.base is bool and not kind.many:
+                # A bare bool flag means true; it takes the next word only when that is a
+                # boolean, so `--compile configs/x.toml` still reads the config file.
+                words = _TRUE[:3] + _FALSE[:3]
+                if i < len(argv) and (argv[i].lower() in words
+                                      or kind.optional and argv[i] == "None"):
+                    text, i = argv[i], i + 1
+                else:
+                    text = "true"
+            else:
+                if i >= len(argv) or _looks_like_flag(argv[i], kinds):
+                    raise SettingsError(f"--{name}: needs a value ({kind.describe()})")
+                text, i = argv[i], i + 1
+        try:
+            value = _value_from_text(kind, text)
+        except ValueError as e:
+            raise SettingsError(f"--{name}: {e}") from None
+        if kind.many and value is not None and flags.get(name) is not None:
+            value = flags[name] + value
+        flags[name] = value
+
+    values, sources = {}, {}
+    for path in config_paths:
+        for key, (value, where) in read_config_file(path).items():
+            if key not in kinds:
+                raise SettingsError(f"{where}: unknown key '{key}'" + _suggest(key, list(kinds), "'{}'"))
+            try:
+                values[key] = _value_from_file(kinds[key], value)
+            except ValueError as e:
+                raise SettingsError(f"{where}: {key}: {e}") from None
+            sources[key] = where
+    for key, value in flags.items():
+        values[key] = value
+        sources[key] = f"--{key}"
+
+    try:
+        return cls(**values)
+    except ValueError as e:
+        raise SettingsError(_name_the_source(str(e), sources)) from None
+
+
+def _name_the_source(message, sources):
+    """Start a validation error ("top_p=1.5: ...") with the flag or file that set the value."""
+    message = " ".join(message.split())  # one line, whatever the validator wrote
+    m = re.match(r"(\w+)=", message)
+    if m and m.group(1) in sources:
+        source = sources[m.group(1)]
+        return "--" + message if source.startswith("--") else f"{source}: {message}"
+    return message
+
+
+def _show_default(value):
+    if isinstance(value, tuple):
+        return ", ".join(repr(v) for v in value) if value else "(none)"
+    return repr(value) if isinstance(value, str) else str(value)
+
+
+def settings_help(cls, *, prog, description=""):
+    """The `--help` text: every field with its type, default and meaning."""
+    kinds = _kinds(cls)
+    out = [f"usage: {prog} [CONFIG_FILE ...] [--key=value | --key value ...]", ""]
+    if description:
+        out += [textwrap.fill(description, 92), ""]
+    out += [textwrap.fill(
+        "Config files (TOML, or nanoGPT-style .py files of `key = literal` lines, never executed) "
+        "are applied in the order given, then flags: defaults < config files < flags. "
+        "Optional values accept None. Bool flags: --flag alone means true.", 92), "", "flags:"]
+    for f in fields(cls):
+        out.append(f"  --{f.name}={kinds[f.name].metavar()}    (default: {_show_default(f.default)})")
+        meaning = f.metadata.get("help", "")
+        if meaning:
+            out.append(textwrap.fill(meaning, 92, initial_indent=" " * 6, subsequent_indent=" " * 6))
+    out.append("  --config=PATH    a config file, applied in order with the positional ones")
+    out.append("  -h, --help    show this help and exit")
+    return "\n".join(out)
+
+
+# ---------------------------------------------------------------------------------------------
+# sample.py's settings
+
+_DEVICE = re.compile(r"auto|cpu|mps|cuda(:\d+)?")
+_DTYPES = ("auto", "float32", "bfloat16", "float16")
+_PLOT_SUFFIXES = (".png", ".svg", ".pdf")
+
+
+@dataclass(frozen=True)
+class SampleSettings:
+    """Everything `sample.py` reads. nanoGPT's flags keep nanoGPT's names, meanings and defaults."""
+    # what to load and what to start from (nanoGPT)
+    init_from: str = setting("shakespeare_char",
+        "what to load: gpt2, gpt2-medium, gpt2-large, gpt2-xl (downloaded from the Hugging Face "
+        "hub), resume (nanoGPT's ckpt.pt in --out_dir), a path to a Hugging Face or native model "
+        "directory, a nanoGPT out_dir or ckpt.pt file, or the name of a folder in checkpoints/ "
+        "(shakespeare_char is the shipped model)")
+    out_dir: str = setting("out", "nanoGPT's output directory, read with --init_from=resume")
+    start: str = setting("\n",
+        "the prompt; FILE:path reads it from a UTF-8 file (used as is, final newline included). "
+        "Empty: start from <|endoftext|> for GPT-2 models, from a newline for character models. "
+        "Each sample is printed with its prompt, as nanoGPT does")
+    num_samples: int = setting(10, "how many samples to draw")
+    max_new_tokens: int = setting(500, "tokens to generate per sample (fewer if a stop ends it)")
+    # the sampler (SAMPLING.md): applied in this order: bias/bans, penalties, temperature, top-k, top-p, min-p
+    temperature: float = setting(0.8, "divide the logits by this; 0 = greedy (argmax), 1 = unchanged")
+    top_k: int | None = setting(200, "keep only the k most likely tokens (ties kept); 0 or None = off")
+    top_p: float = setting(1.0, "nucleus sampling: keep the smallest set of most likely tokens "
+                                "whose probability reaches p (0 < p <= 1); 1 = off")
+    min_p: float = setting(0.0, "keep tokens with probability >= min_p * the top probability "
+                                "(0 <= m <= 1); 0 = off")
+    repetition_penalty: float = setting(1.0,
+        "Hugging Face's: logits of tokens already in the prompt or output are divided by it "
+        "(multiplied when negative); > 0, 1 = off")
+    frequency_penalty: float = setting(0.0, "OpenAI's: subtract this times each token's count "
+                                            "in the output so far; -2 to 2, 0 = off")
+    presence_penalty: float = setting(0.0, "OpenAI's: subtract this from every token already in "
+                                           "the output; -2 to 2, 0 = off")
+    logit_bias: str | None = setting(None, "add a bias to some token ids' logits, e.g. "
+                                           "50256:-100,198:2.5; None = none")
+    ban: tuple[int, ...] = setting((), "token ids that are never generated, e.g. --ban=50256,198")
+    seed: int = setting(1337, "random seed; sample i of seed s is the same text however the "
+                              "samples are batched")
+    # stopping and batching
+    stop: tuple[str, ...] = setting((), "stop a sample when it generates this string (not printed); "
+                                        "repeat the flag for several. The shell passes \\n as two "
+                                        "characters: use $'\\n' or a TOML config for a newline")
+    stop_at_eot: bool = setting(True, "stop a sample at <|endoftext|> (GPT-2 vocabularies)")
+    batch_size: int | None = setting(None, "at most this many samples per forward batch (memory "
+                                           "cap); None = all samples in one batch")
+    stream: bool | None = setting(None, "print tokens as they are generated; None = stream when "
+                                        "there is one sample, else a progress bar on stderr")
+    # hardware (nanoGPT)
+    device: str = setting("auto", "cpu, cuda, cuda:N or mps; auto = cuda if available, else mps, "
+                                  "else cpu")
+    dtype: str = setting("auto", "float32, bfloat16 or float16; auto = bfloat16 on a GPU that "
+                                 "supports it, else float32")
+    compile: bool = setting(False, "torch.compile the model (slow to start, faster after)")
+    # explain mode (issue 4)
+    explain: bool = setting(False, "print each sampling decision of one sample as a table on stderr")
+    explain_sample: int = setting(0, "which sample --explain shows (0 .. num_samples-1)")
+    explain_top: int = setting(10, "candidates per step in the --explain table (the chosen token "
+                                   "is always shown)")
+    explain_file: str | None = setting(None, "write every step of every sample as JSON Lines to "
+                                             "this file")
+    plot: str | None = setting(None, "draw the sampling picture of one step to this .png/.svg/.pdf "
+                                     "file (needs matplotlib)")
+    plot_step: int = setting(0, "which step of --explain_sample --plot draws (0 = the first)")
+    overwrite: bool = setting(False, "let --explain_file and --plot replace existing files (by "
+                                     "default an existing file is an error)")
+
+    def __post_init__(self):
+        # Validation at the edge: each check raises ValueError("name=value: what is allowed"),
+        # which parse_settings prefixes with the flag or config file that set the value.
+        # Our own names first (the sampler calls `ban` banned_ids), then the sampler's checks.
+        for token in self.ban:
+            _check(token >= 0, "ban", token, "token ids must be >= 0")
+        self.sampling_params()
+        _check(self.num_samples >= 1, "num_samples", self.num_samples, "must be an integer >= 1")
+        _check(self.max_new_tokens >= 0, "max_new_tokens", self.max_new_tokens,
+               "must be an integer >= 0")
+        _check(0 <= self.seed < 2**63, "seed", self.seed, "must be an integer >= 0 and < 2**63")
+        _check(self.batch_size is None or self.batch_size >= 1, "batch_size", self.batch_size,
+               "must be an integer >= 1, or None for no cap")
+        for s in self.stop:
+            _check(s != "", "stop", "''", "stop strings must not be empty")
+        _check(bool(_DEVICE.fullmatch(self.device)), "device", self.device,
+               "must be auto, cpu, cuda, cuda:N or mps")
+        _check(self.dtype in _DTYPES, "dtype", self.dtype,
+               "must be auto, float32, bfloat16 or float16")
+        _check(0 <= self.explain_sample < self.num_samples, "explain_sample", self.explain_sample,
+               f"must be >= 0 and < num_samples ({self.num_samples})")
+        _check(self.explain_top >= 1, "explain_top", self.explain_top, "must be an integer >= 1")
+        _check(self.explain_file != "", "explain_file", "''", "must be a file path, or None")
+        if self.plot is not None:
+            _check(os.path.splitext(self.plot)[1].lower() in _PLOT_SUFFIXES, "plot", self.plot,
+                   "must be a file path ending in .png, .svg or .pdf")
+            _check(0 <= self.plot_step < max(self.max_new_tokens, 1), "plot_step", self.plot_step,
+                   f"must be >= 0 and < max_new_tokens ({self.max_new_tokens})")
+        _check(self.plot_step >= 0, "plot_step", self.plot_step, "must be an integer >= 0")
+
+    @property
+    def explaining(self):
+        """Whether any explain output (issue 4) was asked for."""
+        return self.explain or self.explain_file is not None or self.plot is not None
+
+    def logit_bias_pairs(self):
+        """`logit_bias` as ((token_id, bias), ...)."""
+        return parse_logit_bias(self.logit_bias)
+
+    def sampling_params(self):
+        """The sampler's settings for every sample, as a `sampling.SamplingParams`.
+
+        Building it runs the sampler's own checks (SAMPLING.md §3), so the rules live in one
+        place: ValueError("top_p=1.5: must be ...").
+        """
+        import sampling  # imports torch: deferred so that a mistyped flag is reported at once
+        return sampling.SamplingParams(
+            temperature=self.temperature, top_k=0 if self.top_k is None else self.top_k,
+            top_p=self.top_p, min_p=self.min_p, repetition_penalty=self.repetition_penalty,
+            frequency_penalty=self.frequency_penalty, presence_penalty=self.presence_penalty,
+            logit_bias=self.logit_bias_pairs(), banned_ids=tuple(sorted(set(self.ban))))
+
+
+def _check(ok, name, value, allowed):
+    if not ok:
+        raise ValueError(f"{name}={value}: {allowed}")
+
+
+def parse_logit_bias(text):
+    """"50256:-100,198:2.5" -> ((50256, -100.0), (198, 2.5)); None -> ()."""
+    if text is None:
+        return ()
+    allowed = "must be ID:BIAS pairs separated by commas, e.g. 50256:-100,198:2.5"
+    pairs, seen = [], set()
+    for part in text.split(","):
+        token, colon, bias = part.strip().partition(":")
+        try:
+            token_id, value = int(token), float(bias)
+        except ValueError:
+            raise ValueError(f"logit_bias={text}: {allowed}") from None
+        _check(colon and token_id >= 0, "logit_bias", text, allowed + " (ids >= 0)")
+        _check(math.isfinite(value), "logit_bias", text,
+               "each bias must be a finite number (use --ban to ban a token)")
+        _check(token_id not in seen, "logit_bias", text, f"token id {token_id} is given twice")
+        seen.add(token_id)
+        pairs.append((token_id, value))
+    return tuple(pairs)
