@@ -224,7 +224,7 @@ def _read_safetensors(path):
     except FileNotFoundError:
         raise CheckpointError(f"{path}: not found") from None
     except Exception as e:  # SafetensorError, OSError: a short or garbled file
-        reason = str(e).splitlines()[0][:200] if str(e) else type(e).__name__
+        reason = _first_sentence(e, 200)
         raise CheckpointError(f"{path}: not a readable safetensors file ({reason}); it is "
                               f"truncated or corrupted, download or save it again") from None
 
@@ -313,14 +313,24 @@ def _download_hf(name):
         config = huggingface_hub.hf_hub_download(repo_id=repo, filename="config.json")
         weights = huggingface_hub.hf_hub_download(repo_id=repo, filename="model.safetensors")
     except Exception as e:  # offline, DNS, HTTP errors, a full disk: all end the same way
-        reason = (str(e).strip().splitlines() or [type(e).__name__])[0][:160]
+        if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on"):
+            reason = "HF_HUB_OFFLINE is set and the files are not in the local cache"
+        else:
+            reason = f"{type(e).__name__}: {_first_sentence(e)}"
         raise CheckpointError(
-            f"{name}: could not download {repo} from the Hugging Face hub "
-            f"({type(e).__name__}: {reason}); to use a local copy, pass its directory "
-            f"(holding config.json and model.safetensors) as init_from") from None
+            f"{name}: could not download {repo} from the Hugging Face hub ({reason}); to use "
+            f"a local copy, pass its directory (holding config.json and model.safetensors) "
+            f"as init_from") from None
     directory = Path(config).parent
     assert Path(weights).parent == directory, "hf_hub_download put the files in one snapshot"
     return directory
+
+
+def _first_sentence(exc, limit=160):
+    """The first line or sentence of an exception's message, for a one-line error."""
+    text = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+    text = text.split(". ")[0]
+    return text if len(text) <= limit else text[:limit - 3] + "..."
 
 
 def _hf_gpt_config(hf, source):
@@ -419,11 +429,11 @@ def _torch_load(path):
     except FileNotFoundError:
         raise CheckpointError(f"{path}: not found") from None
     except pickle.UnpicklingError as e:
-        reason = str(e).strip().splitlines()[0][:200]
+        reason = _first_sentence(e, 200)
         raise CheckpointError(f"{path}: refused, it holds more than tensors and plain values "
                               f"({reason})") from None
     except Exception as e:
-        reason = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+        reason = _first_sentence(e, 200)
         raise CheckpointError(f"{path}: cannot read this PyTorch file ({reason}); it is "
                               f"truncated, corrupted or not a checkpoint") from None
 
@@ -501,5 +511,5 @@ def read_meta_pkl(path):
     except OSError as e:
         raise CheckpointError(f"{path}: cannot read it ({e.strerror})") from None
     except Exception as e:  # UnpicklingError, EOFError, ...: refused or damaged
-        reason = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+        reason = _first_sentence(e, 200)
         raise CheckpointError(f"{path}: not a plain nanoGPT vocabulary ({reason})") from None
