@@ -24,8 +24,8 @@ from sampling import BatchParams, SamplingParams, sample_step
 @dataclass
 class Piece:
     sample: int            # the sample's index i (its seed derives from (seed, i))
-    text: str              # new text, safe to print: a possible stop string is held back
-    token: int | None      # the token that produced it (None for a final flush)
+    text: str              # new text, safe to print ("" while a possible stop string is held back)
+    token: int | None      # the token generated (one piece per token; None when none was)
     done: bool             # the last piece of this sample
     reason: str | None = None  # "eot" | "stop" | "length" when done
 
@@ -193,8 +193,8 @@ def _generate_batch(model, tokenizer, prompt_ids, params, samples, *, max_new_to
             elif last_step:
                 active[row] = False
                 yield Piece(samples[row], text + streams[row].finish(), token, True, "length")
-            elif text:
-                yield Piece(samples[row], text, token, False)
+            else:
+                yield Piece(samples[row], text, token, False)  # text may be "" (held back)
         if not any(active):
             return
 
