@@ -31,6 +31,7 @@ Every failure a user can cause is a CheckpointError whose message is one line na
 or model name and what to do.
 """
 
+import contextlib
 import difflib
 import json
 import os
@@ -152,22 +153,45 @@ def _read_json(path):
 def _build_model(config, state_dict, device, dtype, source):
     """GPT(config) holding the tensors of `state_dict` (model.py's names, lm_head omitted).
 
-    The model is built on the meta device, so no memory is spent on an initialisation that
-    the checkpoint overwrites; each tensor is moved and cast once, then assigned.
+    The values are tensors or _SafetensorsTensor entries read on demand. The model is built on
+    the meta device, so no memory is spent on an initialisation the checkpoint overwrites;
+    each tensor is read, cast and moved once, then assigned.
     """
-    with torch.device("meta"):
+    with torch.device("meta"), _init_skipped():
         model = GPT(config)
     expected = {k: v.shape for k, v in model.state_dict().items() if k != "lm_head.weight"}
     _check_weights_match(state_dict, expected, source)
     tensors = {}
     for name in expected:
         t = state_dict.pop(name)  # pop: let the source tensor go as soon as it is converted
-        tensors[name] = t.to(device=device, dtype=dtype)
+        if isinstance(t, _SafetensorsTensor):
+            t = t.read(device, dtype)
+        # a copy only where dtype, device or layout differ: fp32 on the CPU stays memory-mapped
+        tensors[name] = t.to(device=device, dtype=dtype, memory_format=torch.contiguous_format)
     tensors["lm_head.weight"] = tensors["transformer.wte.weight"]
     model.load_state_dict(tensors, strict=True, assign=True)
     model.lm_head.weight = model.transformer.wte.weight  # assign=True made two Parameters: re-tie
     assert not any(p.is_meta for p in model.parameters()), "a parameter was not loaded"
     return model
+
+
+@contextlib.contextmanager
+def _init_skipped():
+    """nn.init's functions as no-ops while a model whose weights will be assigned is built.
+
+    Initialising is wasted work on the meta device, and not free: the first normal_ on a meta
+    tensor imports ~800 modules of torch's Python reference kernels, about 1.5 s of start-up.
+    (Hugging Face's no_init_weights does the same.)
+    """
+    names = ("normal_", "uniform_", "kaiming_uniform_", "zeros_", "ones_", "trunc_normal_")
+    saved = {n: getattr(torch.nn.init, n) for n in names}
+    try:
+        for n in names:
+            setattr(torch.nn.init, n, lambda tensor, *args, **kwargs: tensor)
+        yield
+    finally:
+        for n, f in saved.items():
+            setattr(torch.nn.init, n, f)
 
 
 def _check_weights_match(state_dict, expected, source):
@@ -214,13 +238,68 @@ def _config_from_dict(values, source, **overrides):
 
 # ----------------------------------------------------------------------------- safetensors
 
+SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16,
+                      "BF16": torch.bfloat16}
+
+
+class _SafetensorsTensor:
+    """One tensor of a safetensors file, memory-mapped when `read()` asks for it.
+
+    A tensor that loads as it is stored (same dtype, on the CPU, not transposed) is a view of
+    the file's one shared mapping: no copy at all, pages are read on first use. A tensor that
+    must be converted is read through a mapping of its own, dropped as soon as the converted
+    copy exists. (Through the shared mapping, every page converted so far would stay resident
+    until loading ends: two copies of the weights at the peak.)
+    Offers what the key mapping and the checks need: shape, dim(), t() (a transpose applied
+    on read), is_floating_point().
+    """
+
+    def __init__(self, path, key, shape, dtype, shared, transposed=False):
+        self.path, self.key, self.dtype, self.transposed = path, key, dtype, transposed
+        self.shape = torch.Size(shape)
+        self._shared = shared  # the file's safe_open handle, shared by its tensors
+
+    def dim(self):
+        return len(self.shape)
+
+    def t(self):
+        assert self.dim() == 2
+        return _SafetensorsTensor(self.path, self.key, self.shape[::-1], self.dtype,
+                                  self._shared, not self.transposed)
+
+    def is_floating_point(self):
+        return self.dtype in SAFETENSORS_DTYPES
+
+    def read(self, device, dtype):
+        """The tensor converted to `device` and `dtype`, contiguous."""
+        from safetensors import safe_open
+
+        as_stored = (not self.transposed and SAFETENSORS_DTYPES.get(self.dtype) == dtype
+                     and torch.device(device).type == "cpu")
+        try:
+            if as_stored:
+                return self._shared.get_tensor(self.key)
+            with safe_open(str(self.path), framework="pt", device="cpu") as f:
+                t = f.get_tensor(self.key)
+        except Exception as e:
+            raise CheckpointError(f"{self.path}: cannot read tensor {self.key} "
+                                  f"({_first_sentence(e)}); the file is damaged") from None
+        if self.transposed:
+            t = t.t()  # (out, in) view of the stored (in, out)
+        return t.to(device=device, dtype=dtype, memory_format=torch.contiguous_format, copy=True)
+
+
 def _read_safetensors(path):
-    """{name: tensor} of a safetensors file, memory-mapped (tensors are paged in on use)."""
+    """{name: _SafetensorsTensor} of a safetensors file; only the header is read here."""
     from safetensors import safe_open
 
     try:
-        with safe_open(str(path), framework="pt", device="cpu") as f:
-            return {k: f.get_tensor(k) for k in f.keys()}
+        f = safe_open(str(path), framework="pt", device="cpu")
+        entries = {}
+        for k in f.keys():
+            info = f.get_slice(k)
+            entries[k] = _SafetensorsTensor(path, k, info.get_shape(), info.get_dtype(), f)
+        return entries
     except FileNotFoundError:
         raise CheckpointError(f"{path}: not found") from None
     except Exception as e:  # SafetensorError, OSError: a short or garbled file
@@ -402,7 +481,8 @@ def _load_hf_dir(directory, device, dtype, hf_config=None):
     else:
         raise CheckpointError(f"{directory}: config.json is here but no weights; expected "
                               f"model.safetensors or pytorch_model.bin beside it")
-    if not isinstance(raw, dict) or not all(isinstance(v, torch.Tensor) for v in raw.values()):
+    if not isinstance(raw, dict) or not all(isinstance(v, (torch.Tensor, _SafetensorsTensor))
+                                            for v in raw.values()):
         raise CheckpointError(f"{weights}: not a state dict of tensors")
     model = _build_model(config, _hf_state_dict(raw), device, dtype, weights)
     return Loaded(model, _gpt2_tokenizer(config, weights), f"{directory} (Hugging Face GPT-2)")

@@ -86,6 +86,7 @@ def test_hf_logit_parity(tmp_path, config, prefix):
     assert cfg.gelu == ("exact" if config.get("activation_function") == "gelu" else "tanh")
     assert cfg.layer_norm_epsilon == config.get("layer_norm_epsilon", 1e-5)
     assert loaded.model.lm_head.weight is loaded.model.transformer.wte.weight
+    assert all(p.is_contiguous() for p in loaded.model.parameters())  # Conv1D transposed by copy
     assert loaded.tokenizer is gpt2_tokenizer()
     assert not loaded.model.training
 
