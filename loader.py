@@ -23,8 +23,10 @@ Quirks handled here and nowhere else:
 - lm_head is always tied to wte (GPT-2 ties them); a stored lm_head.weight is ignored.
 
 Memory: the model is built on the meta device and the loaded tensors are assigned into it
-(load_state_dict(assign=True)); safetensors are memory-mapped and each tensor is converted to
-the requested dtype/device one at a time, so loading never holds two copies of the weights.
+(load_state_dict(assign=True)). Safetensors are memory-mapped: a tensor loaded as stored
+(float32 on the CPU, not transposed) is a view of the file with no copy; one that must be
+cast, moved or transposed is read through a mapping of its own that is dropped once it is
+converted, so loading never holds two copies of the weights (bench_load.py measures it).
 transformers is never imported here (it is a test dependency only).
 
 Every failure a user can cause is a CheckpointError whose message is one line naming the file
@@ -75,7 +77,7 @@ class Loaded:
 def load_model(init_from, *, out_dir="out", device="cpu", dtype=torch.float32):
     """Load the model and tokenizer `init_from` names, in eval mode, on `device` in `dtype`."""
     dtype = _resolve_dtype(dtype)
-    device = torch.device(device)
+    device = _resolve_device(device)
     init_from = str(init_from)
     if init_from in HF_MODEL_NAMES:
         directory = _download_hf(init_from)
@@ -99,6 +101,18 @@ def _resolve_dtype(dtype):
     if isinstance(dtype, str) and dtype in DTYPES:
         return DTYPES[dtype]
     raise ValueError(f"dtype={dtype}: must be one of {', '.join(DTYPES)}")
+
+
+def _resolve_device(device):
+    try:
+        device = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise ValueError(f"device={device}: must be cpu, cuda, cuda:N or mps") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device={device}: CUDA is not available in this PyTorch build or machine")
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise ValueError(f"device={device}: MPS is not available on this machine")
+    return device
 
 
 def _resolve_path(init_from):
@@ -529,6 +543,8 @@ def _load_nanogpt(path, device, dtype):
         raise CheckpointError(f"{path}: not a nanoGPT checkpoint (expected a dict with 'model' "
                               f"and 'model_args')")
     args = ckpt["model_args"]
+    if not isinstance(args, dict) or not isinstance(ckpt["model"], dict):
+        raise CheckpointError(f"{path}: 'model' and 'model_args' must be dicts, as nanoGPT saves them")
     missing = [k for k in NANOGPT_MODEL_ARGS if k not in args]
     if missing:
         raise CheckpointError(f"{path}: model_args lacks {', '.join(missing)}")
@@ -544,8 +560,9 @@ def _load_nanogpt(path, device, dtype):
         state_dict[key] = t
     info = {k: _plain(ckpt[k]) for k in ("iter_num", "best_val_loss", "config") if k in ckpt}
     del ckpt
-    meta_path = path.parent / "meta.pkl"
-    if meta_path.is_file():
+    meta_path = _find_meta_pkl(path, info.get("config"))
+    if meta_path is not None:
+        info["meta_pkl"] = str(meta_path)
         try:
             tokenizer = CharTokenizer.from_meta(read_meta_pkl(meta_path), meta_path)
         except TokenizerError as e:
@@ -559,6 +576,18 @@ def _load_nanogpt(path, device, dtype):
         tokenizer = _gpt2_tokenizer(config, path)
     model = _build_model(config, state_dict, device, dtype, path)
     return Loaded(model, tokenizer, f"{path} (nanoGPT checkpoint)", info)
+
+
+def _find_meta_pkl(ckpt_path, train_config):
+    """The character vocabulary of a nanoGPT checkpoint: meta.pkl beside ckpt.pt (its out_dir),
+    else where nanoGPT's sample.py looks, data/<dataset>/meta.pkl, from the nanoGPT checkout
+    holding the out_dir or from the working directory."""
+    candidates = [ckpt_path.parent / "meta.pkl"]
+    dataset = train_config.get("dataset") if isinstance(train_config, dict) else None
+    if isinstance(dataset, str) and dataset and "/" not in dataset and dataset not in (".", ".."):
+        candidates += [ckpt_path.parent.parent / "data" / dataset / "meta.pkl",
+                       Path("data") / dataset / "meta.pkl"]
+    return next((p for p in candidates if p.is_file()), None)
 
 
 def _plain(value):

@@ -263,6 +263,20 @@ def test_nanogpt_char_meta_pkl_round_trips(tmp_path):
         assert torch.equal(loaded.model(torch.tensor([ids[:32]])), ref(torch.tensor([ids[:32]])))
 
 
+def test_nanogpt_meta_pkl_in_the_checkouts_data_folder(tmp_path):
+    # nanoGPT's own layout: <checkout>/out-shakespeare-char/ckpt.pt and
+    # <checkout>/data/shakespeare_char/meta.pkl, found through the checkpoint's config["dataset"]
+    chars = list("\n !abcdefgh")
+    write_nanogpt_ckpt(tmp_path / "out-shakespeare-char", nanogpt_model(vocab_size=len(chars)))
+    (tmp_path / "data" / "shakespeare_char").mkdir(parents=True)
+    with open(tmp_path / "data" / "shakespeare_char" / "meta.pkl", "wb") as f:
+        pickle.dump({"vocab_size": len(chars), "itos": dict(enumerate(chars)),
+                     "stoi": {c: i for i, c in enumerate(chars)}}, f)
+    loaded = load_model("resume", out_dir=str(tmp_path / "out-shakespeare-char"))
+    assert loaded.tokenizer.chars == chars
+    assert loaded.info["meta_pkl"].endswith("data/shakespeare_char/meta.pkl")
+
+
 class _Exploit:
     def __init__(self, marker):
         self.marker = marker
@@ -414,6 +428,17 @@ def test_config_that_does_not_match_the_weights(tmp_path, change, expect):
     with pytest.raises(CheckpointError, match=expect) as e:
         load_model(str(tmp_path))
     assert str(tmp_path / "model.safetensors") in one_line_error(e)
+
+
+def test_bad_dtype_and_device(tmp_path):
+    write_hf_dir(tmp_path)
+    with pytest.raises(ValueError, match="dtype=int8: must be one of float32, bfloat16, float16"):
+        load_model(str(tmp_path), dtype="int8")
+    with pytest.raises(ValueError, match="device=tpu"):
+        load_model(str(tmp_path), device="tpu")
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="device=cuda: CUDA is not available"):
+            load_model(str(tmp_path), device="cuda")
 
 
 def test_unsupported_hf_config(tmp_path):
