@@ -428,10 +428,8 @@ class SampleSettings:
     def __post_init__(self):
         # Validation at the edge: each check raises ValueError("name=value: what is allowed"),
         # which parse_settings prefixes with the flag or config file that set the value.
-        # Our own names first (the sampler calls `ban` banned_ids), then the sampler's checks.
-        for token in self.ban:
-            _check(token >= 0, "ban", token, "token ids must be >= 0")
-        self.sampling_params()
+        # The sampler's values last: checking them imports torch, which the other mistakes
+        # need not wait for.
         _check(self.num_samples >= 1, "num_samples", self.num_samples, "must be an integer >= 1")
         _check(self.max_new_tokens >= 0, "max_new_tokens", self.max_new_tokens,
                "must be an integer >= 0")
@@ -454,6 +452,10 @@ class SampleSettings:
             _check(0 <= self.plot_step < max(self.max_new_tokens, 1), "plot_step", self.plot_step,
                    f"must be >= 0 and < max_new_tokens ({self.max_new_tokens})")
         _check(self.plot_step >= 0, "plot_step", self.plot_step, "must be an integer >= 0")
+        for token in self.ban:  # named as our flag is (the sampler calls them banned_ids)
+            _check(token >= 0, "ban", token, "token ids must be >= 0")
+        self.logit_bias_pairs()
+        self.sampling_params()
 
     @property
     def explaining(self):

@@ -1,0 +1,296 @@
+"""Sample text from a GPT-2-family model: nanoGPT's sample.py, with its flags and its output.
+
+    python sample.py                                   # the shipped Shakespeare model
+    python sample.py --init_from=gpt2 --start="Hello" --num_samples=3 --max_new_tokens=50
+    python sample.py configs/greedy.toml --max_new_tokens=40
+
+This script wires the parts together and owns printing, exit codes and the command line's
+edge: settings (settings.py) -> prompt -> model (loader.py) -> pieces (generate.py) -> stdout.
+
+Output, as nanoGPT prints it: each sample's text, prompt included, then a line
+`---------------`. One sample streams as it is generated; several are printed in order as
+they finish, with a progress bar on stderr when stderr is a terminal. The last line on stderr
+gives the speed. A user's mistake (a flag, config file, prompt or checkpoint) is one line
+`error: ...` on stderr and exit code 2; anything else is a bug and keeps its traceback.
+
+Choices:
+- An empty prompt starts from <|endoftext|> for GPT-2 models, as unconditional generation
+  does; a character vocabulary has no such token, so it starts from a newline (nanoGPT's
+  default prompt). Either way nothing is printed for the prompt.
+- A prompt longer than the model's context (block_size) is an error, not silently cropped.
+- --explain_file and --plot never replace an existing file unless --overwrite is given.
+"""
+
+import os
+import sys
+import time
+
+from settings import HelpRequested, SampleSettings, SettingsError, parse_settings
+
+SEPARATOR = "---------------"
+DESCRIPTION = ("Sample text from a GPT-2-family model: the shipped character-level Shakespeare "
+               "model, pretrained GPT-2, a nanoGPT out_dir or a Hugging Face directory. "
+               "nanoGPT's sample.py flags keep their names and meanings.")
+
+
+def main(argv=None):
+    try:
+        settings = parse_settings(SampleSettings, argv, prog="sample.py", description=DESCRIPTION)
+        prompt, prompt_flag = read_prompt(settings.start)
+        check_output_paths(settings)
+        explain = import_explain(settings)
+    except HelpRequested as h:
+        print(h.text)
+        return 0
+    except SettingsError as e:
+        return report_error(e)
+
+    # torch and the model code load only once the flags are known to be good.
+    import loader
+
+    try:
+        device, dtype = resolve_device(settings.device, settings.dtype)
+        loaded = loader.load_model(settings.init_from, out_dir=settings.out_dir,
+                                   device=device, dtype=dtype)
+        prompt_ids = encode_prompt(prompt, prompt_flag, loaded.tokenizer,
+                                   loaded.model.config.block_size)
+        params = sampler_params_for(settings, loaded.tokenizer)
+        trace = explain.open_trace(settings, loaded.tokenizer) if explain else None
+    except loader.CheckpointError as e:
+        # The loader names the file, or init_from=... which is our --init_from flag.
+        message = str(e)
+        return report_error("--" + message if message.startswith("init_from=") else message)
+    except SettingsError as e:
+        return report_error(e)
+
+    model = loaded.model
+    if settings.compile:
+        import torch
+        model = torch.compile(model)
+    try:
+        return run(settings, model, loaded.tokenizer, prompt, prompt_ids, params, trace)
+    except KeyboardInterrupt:
+        print("\ninterrupted", file=sys.stderr)
+        return 130
+    except BrokenPipeError:
+        # The reader went away (`| head`): stop quietly, as command-line tools do.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
+    finally:
+        if trace is not None:
+            trace.close()
+
+
+def report_error(error):
+    print(f"error: {' '.join(str(error).split())}", file=sys.stderr)
+    return 2
+
+
+# ---------------------------------------------------------------------------------------------
+# The edge: everything checked before the model loads, or right after
+
+def read_prompt(start):
+    """--start's text, and the flag to name in errors. FILE:path reads a UTF-8 file."""
+    if not start.startswith("FILE:"):
+        return start, "--start"
+    path = start[len("FILE:"):]
+    flag = f"--start=FILE:{path}"
+    if not path:
+        raise SettingsError("--start=FILE:: needs a file path after FILE:")
+    try:
+        with open(path, "rb") as f:
+            data = f.read()
+    except FileNotFoundError:
+        raise SettingsError(f"{flag}: no such file") from None
+    except IsADirectoryError:
+        raise SettingsError(f"{flag}: is a directory, not a prompt file") from None
+    except OSError as e:
+        raise SettingsError(f"{flag}: cannot read it ({e.strerror})") from None
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise SettingsError(f"{flag}: not UTF-8 text (byte 0x{data[e.start]:02x} at offset "
+                            f"{e.start}); prompt files must be UTF-8") from None
+    return text.removeprefix("\ufeff"), flag  # a byte-order mark is not part of the prompt
+
+
+def check_output_paths(settings):
+    """--explain_file and --plot: writable, and never someone's existing file by accident."""
+    paths = [(flag, path) for flag, path in (("--explain_file", settings.explain_file),
+                                             ("--plot", settings.plot)) if path is not None]
+    if len(paths) == 2 and os.path.abspath(paths[0][1]) == os.path.abspath(paths[1][1]):
+        raise SettingsError(f"--plot={settings.plot}: the same file as --explain_file")
+    for flag, path in paths:
+        directory = os.path.dirname(path) or "."
+        if os.path.isdir(path):
+            raise SettingsError(f"{flag}={path}: is a directory; give a file path")
+        if not os.path.isdir(directory):
+            raise SettingsError(f"{flag}={path}: the directory {directory} does not exist")
+        if os.path.exists(path) and not settings.overwrite:
+            raise SettingsError(f"{flag}={path}: the file exists; choose another path, or add "
+                                f"--overwrite to replace it")
+
+
+def import_explain(settings):
+    """Explain mode (issue 4) lives in explain.py, imported only when asked for.
+
+    The contract explain.py provides: `open_trace(settings, tokenizer)` returns the `trace`
+    callable that generate() calls with each step's TraceStep, with a `close()` that finishes
+    its outputs (table, JSON Lines file, plot); it raises SettingsError for a user's mistake.
+    """
+    if not settings.explaining:
+        return None
+    flag = "--explain" if settings.explain else \
+        "--explain_file" if settings.explain_file is not None else "--plot"
+    try:
+        import explain
+    except ModuleNotFoundError as e:
+        if e.name != "explain":
+            raise  # explain.py is there but something it needs is not: a real problem
+        raise SettingsError(f"{flag}: explain mode is not available in this version "
+                            f"(explain.py is missing)") from None
+    return explain
+
+
+def resolve_device(device, dtype):
+    """--device and --dtype ("auto" included) as what the machine can do, or an error."""
+    import torch
+
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else \
+            "mps" if torch.backends.mps.is_available() else "cpu"
+    elif device.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise SettingsError(f"--device={device}: CUDA is not available on this machine; "
+                                f"use --device=cpu or --device=auto")
+        index = int(device.partition(":")[2] or 0)
+        if index >= torch.cuda.device_count():
+            raise SettingsError(f"--device={device}: this machine has "
+                                f"{torch.cuda.device_count()} CUDA device(s)")
+    elif device == "mps" and not torch.backends.mps.is_available():
+        raise SettingsError("--device=mps: MPS is not available on this machine; use --device=cpu "
+                            "or --device=auto")
+    if dtype == "auto":
+        on_gpu = device.startswith("cuda")
+        dtype = "bfloat16" if on_gpu and torch.cuda.is_bf16_supported() else "float32"
+    return device, dtype
+
+
+def encode_prompt(prompt, flag, tokenizer, block_size):
+    """The prompt's token ids; the empty prompt starts from <|endoftext|> or a newline."""
+    if prompt == "":
+        if tokenizer.eot_id is not None:
+            return [tokenizer.eot_id]
+        prompt = "\n"
+    try:
+        ids = tokenizer.encode(prompt)
+    except ValueError as e:  # a character outside a character vocabulary
+        raise SettingsError(f"{flag}: {e}") from None
+    if len(ids) > block_size:
+        raise SettingsError(f"{flag}: the prompt is {len(ids)} tokens, longer than this model's "
+                            f"context of {block_size} tokens (block_size); shorten it")
+    return ids
+
+
+def sampler_params_for(settings, tokenizer):
+    """The validated SamplingParams, with --ban and --logit_bias ids checked against the vocabulary."""
+    import sampling
+
+    params = settings.sampling_params()
+    try:
+        sampling.check_token_ids(params, tokenizer.n_vocab)
+    except ValueError as e:
+        message = str(e).replace("banned_ids=", "ban=", 1)  # the sampler's name for --ban
+        raise SettingsError(f"--{message}") from None
+    return params
+
+
+# ---------------------------------------------------------------------------------------------
+# Generating and printing
+
+class SamplePrinter:
+    """Writes samples in order: prompt + text, a newline, then SEPARATOR.
+
+    With `stream`, the lowest-numbered unfinished sample is written as its pieces arrive and
+    the others are held until their turn; without it, each sample is written when it and all
+    before it are finished.
+    """
+
+    def __init__(self, out, prompt, num_samples, stream):
+        self.out, self.prompt, self.stream = out, prompt, stream
+        self.texts = [[] for _ in range(num_samples)]
+        self.done = [False] * num_samples
+        self.current = 0       # the next sample to write
+        self.written = None    # how many of current's pieces are written; None: not begun
+
+    def add(self, piece):
+        self.texts[piece.sample].append(piece.text)
+        self.done[piece.sample] |= piece.done
+        self._write_ready()
+
+    def finish(self):
+        self.done = [True] * len(self.done)
+        self._write_ready()
+
+    def _write_ready(self):
+        while self.current < len(self.texts):
+            i = self.current
+            if not (self.stream or self.done[i]):
+                return
+            if self.written is None:
+                self.out.write(self.prompt)
+                self.written = 0
+            self.out.write("".join(self.texts[i][self.written:]))
+            self.written = len(self.texts[i])
+            if not self.done[i]:
+                self.out.flush()
+                return
+            self.out.write("\n" + SEPARATOR + "\n")
+            self.out.flush()
+            self.texts[i] = None  # printed: let it go
+            self.current, self.written = i + 1, None
+
+
+def run(settings, model, tokenizer, prompt, prompt_ids, params, trace):
+    import generate
+    from tqdm import tqdm
+
+    n, max_new = settings.num_samples, settings.max_new_tokens
+    stream = n == 1 if settings.stream is None else settings.stream
+    printer = SamplePrinter(sys.stdout, prompt, n, stream)
+    # The bar is for batch runs (streamed text is its own progress); tqdm hides it when
+    # stderr is not a terminal (disable=None).
+    bar = tqdm(total=n * max_new, unit="tok", file=sys.stderr, leave=False,
+               disable=True if stream else None)
+    counted = [0] * n  # tokens of each sample seen so far
+    tokens = 0
+    t0 = time.perf_counter()
+    pieces = generate.generate(
+        model, tokenizer, prompt_ids, params, num_samples=n, max_new_tokens=max_new,
+        seed=settings.seed, batch_size=settings.batch_size, stop=settings.stop,
+        stop_at_eot=settings.stop_at_eot, trace=trace)
+    try:
+        for piece in pieces:
+            if piece.token is not None:
+                tokens += 1
+                counted[piece.sample] += 1
+                bar.update(1)
+            if not piece.done:
+                printer.add(piece)
+                continue
+            bar.update(max_new - counted[piece.sample])  # a sample that stopped early
+            counted[piece.sample] = max_new
+            # A finished sample may be printed now: lift the bar off the terminal meanwhile.
+            with tqdm.external_write_mode(file=sys.stdout):
+                printer.add(piece)
+        printer.finish()
+    finally:
+        bar.close()
+    seconds = time.perf_counter() - t0
+    rate = tokens / seconds if seconds > 0 else float("inf")
+    print(f"generated {tokens} tokens in {seconds:.2f} s ({rate:.1f} tokens/s)", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
