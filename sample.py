@@ -35,6 +35,14 @@ DESCRIPTION = ("Sample text from a GPT-2-family model: the shipped character-lev
 
 def main(argv=None):
     try:
+        return sample(argv)
+    except KeyboardInterrupt:
+        print("\ninterrupted", file=sys.stderr)
+        return 130
+
+
+def sample(argv):
+    try:
         settings = parse_settings(SampleSettings, argv, prog="sample.py", description=DESCRIPTION)
         prompt, prompt_flag = read_prompt(settings.start)
         check_output_paths(settings)
@@ -45,8 +53,7 @@ def main(argv=None):
     except SettingsError as e:
         return report_error(e)
 
-    # torch and the model code load only once the flags are known to be good.
-    import loader
+    import loader  # the model code loads only once the settings are known to be good
 
     try:
         device, dtype = resolve_device(settings.device, settings.dtype)
@@ -69,9 +76,6 @@ def main(argv=None):
         model = torch.compile(model)
     try:
         return run(settings, model, loaded.tokenizer, prompt, prompt_ids, params, trace)
-    except KeyboardInterrupt:
-        print("\ninterrupted", file=sys.stderr)
-        return 130
     except BrokenPipeError:
         # The reader went away (`| head`): stop quietly, as command-line tools do.
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
@@ -197,6 +201,8 @@ def sampler_params_for(settings, tokenizer):
     import sampling
 
     params = settings.sampling_params()
+    if len({i for i in params.banned_ids if i < tokenizer.n_vocab}) == tokenizer.n_vocab:
+        raise SettingsError(f"--ban: every one of this model's {tokenizer.n_vocab} tokens is banned")
     try:
         sampling.check_token_ids(params, tokenizer.n_vocab)
     except ValueError as e:

@@ -24,7 +24,8 @@ SPEED_LINE = re.compile(r"generated (\d+) tokens in \d+\.\d\d s \(\d+\.\d tokens
 
 def sample_py(*args, cwd=REPO):
     """Run sample.py; (exit code, stdout, stderr)."""
-    env = dict(os.environ, PYTHONIOENCODING="utf-8", HF_HUB_OFFLINE="1")
+    # one thread: the models are tiny and several runs share two cores
+    env = dict(os.environ, PYTHONIOENCODING="utf-8", HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
     p = subprocess.run([sys.executable, os.path.join(REPO, "sample.py"), *args], cwd=cwd,
                        capture_output=True, text=True, encoding="utf-8", env=env, timeout=300)
     return p.returncode, p.stdout, p.stderr
