@@ -179,9 +179,9 @@ def _generate_batch(model, tokenizer, prompt_ids, params, samples, *, max_new_to
         tokens = result.tokens.tolist()
         last_step = step == max_new_tokens - 1
         for row, token in enumerate(tokens):
+            sequences[row].append(token)  # finished rows too: every row keeps the same length
             if not active[row]:
                 continue
-            sequences[row].append(token)
             if token == eot:
                 active[row] = False
                 yield Piece(samples[row], streams[row].finish(), token, True, "eot")

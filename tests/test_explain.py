@@ -291,8 +291,6 @@ def test_finished_samples_are_not_traced(model, tokenizer, tmp_path):
         assert [r["chosen_id"] for r in records if r["sample"] == i] == tokens
 
 
-@pytest.mark.xfail(strict=True, reason="generate.py stops growing a finished row's sequence, "
-                   "and TraceStep.position is len(sequences[0])")
 def test_positions_after_sample_0_finishes(model, tokenizer):
     positions = []
     pieces = list(generate(model, tokenizer, tokenizer.encode("the "), params=PARAMS[0],

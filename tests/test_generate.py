@@ -157,3 +157,16 @@ def test_past_block_size_matches_a_plain_loop(model, tokenizer, params):
 def test_prompt_must_fit_the_context(model, tokenizer):
     with pytest.raises(ValueError, match="block_size"):
         list(generate(model, tokenizer, tokenizer.encode("x" * 25), SETTINGS))
+
+
+def test_finished_rows_do_not_disturb_the_others_past_block_size(model, tokenizer):
+    # Samples that stop early stay in the batch; the re-prefill past block_size must still work
+    # and every other sample's text must be what it is without the stop string.
+    free = run(model, tokenizer, params=SETTINGS, num_samples=4, max_new_tokens=40, seed=9)
+    stopped = run(model, tokenizer, params=SETTINGS, num_samples=4, max_new_tokens=40, seed=9,
+                  stop=["e"])
+    assert any(reason == "stop" for _, reason, _ in stopped.values())
+    for i in range(4):
+        text, reason, _ = stopped[i]
+        assert free[i][0].startswith(text)
+        assert (reason == "stop") == ("e" in free[i][0])
