@@ -35,6 +35,16 @@ CORPUS = "\n".join(f"{i}.{j} {line}" if line else "" for i in range(60)
 CHARS = sorted(set(CORPUS))
 
 
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Decode on one thread, as evaluate.py does by default (a small batch is far slower
+    shared between threads), and leave torch's setting as it was."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="module")
 def char_dir(tmp_path_factory):
     """A tiny random character model in the native format, and the corpus beside it."""
@@ -56,6 +66,11 @@ def run_main(capsys, *args):
     code = evaluate.main([str(a) for a in args])
     out, err = capsys.readouterr()
     return code, out, err
+
+
+def table_rows(out):
+    """The setting names of the table rows in the command's output."""
+    return [line.split("|")[1].strip() for line in out.splitlines()[2:] if line.startswith("|")]
 
 
 # ------------------------------------------------------------------------------ scoring
@@ -237,17 +252,16 @@ def test_the_command_writes_a_reproducible_table(char_dir, tmp_path, capsys):
             f"--out_dir={tmp_path / 'a'}"]
     code, out, err = run_main(capsys, *args)
     assert code == 0, err
-    names = [line.split("|")[1].strip() for line in out.splitlines()[2:]]
-    assert names == ["temperature=0", "temperature=1", "top_p=0.5", "human"]
+    assert table_rows(out) == ["temperature=0", "temperature=1", "top_p=0.5", "human"]
     assert sorted(os.listdir(tmp_path / "a")) == sorted(evaluate.OUTPUT_FILES)
-    assert "units: words (character-level model)" in err
+    assert "Repetition %, distinct-n, Self-BLEU4 and Zipf: on words (character-level model)" in out
     with open(tmp_path / "a" / "sweep.csv", encoding="utf-8") as f:
         rows = {r["setting"]: r for r in csv.DictReader(f)}
     assert float(rows["temperature=0"]["entropy"]) == 0.0
     assert rows["human"]["entropy"] == ""
     assert float(rows["temperature=1"]["entropy"]) > 0
     md = (tmp_path / "a" / "sweep.md").read_text(encoding="utf-8")
-    assert md.startswith(out.strip()) and "on words (character-level model)" in md
+    assert md == out
     samples = [json.loads(line) for line in
                (tmp_path / "a" / "samples.jsonl").read_text(encoding="utf-8").splitlines()]
     assert len(samples) == 3 * 3 * 2 and {s["reason"] for s in samples} == {"length"}
@@ -274,8 +288,8 @@ def test_the_command_on_a_bpe_model_with_a_prompts_file(tmp_path, capsys):
                               "--max_new_tokens=6", "--setting=temperature=1",
                               f"--out_dir={tmp_path / 'out'}")
     assert code == 0, err
-    assert "units: gpt2 tokens" in err
-    assert [line.split("|")[1].strip() for line in out.splitlines()[2:]] == ["temperature=1"]
+    assert "Self-BLEU4 and Zipf: on gpt2 tokens" in out
+    assert table_rows(out) == ["temperature=1"]
     samples = [json.loads(line) for line in
                (tmp_path / "out" / "samples.jsonl").read_text(encoding="utf-8").splitlines()]
     assert len(samples) == 3 * 2
@@ -315,37 +329,34 @@ def test_help(capsys):
                            "model is not trained yet (train.py writes it)")
 def test_the_papers_trends_hold_on_the_shipped_model():
     """Holtzman et al.'s Table 1, qualitatively, on the shipped model: greedy is the most
-    predictable and the least diverse; pure sampling the least predictable and the most
-    diverse by Self-BLEU; lowering the temperature or top-p lowers perplexity and distinct-n.
+    predictable, the most repetitive and the least diverse; pure sampling the least predictable
+    and the least alike (Self-BLEU); lowering the temperature (1 -> 0.7) or top-p (1 -> 0.8)
+    lowers perplexity and distinct-n.
 
-    16 held-out prompts x 2 samples x 128 characters per setting, seed 1337. The margins were
-    checked on seeds 1 to 5 before fixing this one (see the report in the commit message).
+    24 held-out prompts x 2 samples x 128 characters per setting, seed 1337 (about a minute on
+    one CPU thread). Before fixing the seed, every assertion was checked on seeds 1 to 4 as
+    well. distinct-3 is asserted for greedy only: at ~25 words per text, nearly every word
+    trigram of a sampled text is unique (0.99 or more for every sampling setting).
     """
-    loaded = loader.load_model("shakespeare_char")
-    prompts = evaluate.read_prompts_file(HELDOUT_PROMPTS, loaded.tokenizer)[:16]
+    loaded = loader.load_model(SHIPPED)
+    prompts = evaluate.read_prompts_file(HELDOUT_PROMPTS, loaded.tokenizer)
     sweep = [evaluate.SweepSetting(name, SamplingParams(**params)) for name, params in [
         ("greedy", dict(temperature=0.0)), ("pure", dict(temperature=1.0)),
-        ("T=0.7", dict(temperature=0.7)), ("T=0.5", dict(temperature=0.5)),
-        ("p=0.95", dict(top_p=0.95)), ("p=0.8", dict(top_p=0.8))]]
+        ("T=0.7", dict(temperature=0.7)), ("top-p 0.8", dict(top_p=0.8))]]
     rows, _ = evaluate.run_sweep(loaded.model, loaded.tokenizer, prompts, sweep,
                                  num_samples=2, max_new_tokens=128, seed=1337)
-    m = {name: values for name, values in rows}
-    sampled = [name for name in m if name not in ("greedy", "human")]
+    m = dict(rows)
+    report = "\n" + evaluate.format_table(rows)  # shown when an assertion fails
 
-    for name in sampled:
-        assert m["greedy"]["perplexity"] < m[name]["perplexity"], name
-        assert m["greedy"]["repetition"] >= m[name]["repetition"], name
-        assert m["greedy"]["self_bleu"] > m[name]["self_bleu"], name
+    for name in ("pure", "T=0.7", "top-p 0.8"):
+        assert m["greedy"]["perplexity"] < m[name]["perplexity"], name + report
+        assert m["greedy"]["repetition"] >= m[name]["repetition"], name + report
+        assert m["greedy"]["self_bleu"] > m[name]["self_bleu"], name + report
         for n in (1, 2, 3):
-            assert m["greedy"][f"distinct_{n}"] < m[name][f"distinct_{n}"], (name, n)
-        assert m["pure"]["perplexity"] >= m[name]["perplexity"], name
-        if name != "pure":
-            assert m["pure"]["self_bleu"] < m[name]["self_bleu"], name
-    assert m["greedy"]["repetition"] > 0
-    for chain in (["pure", "T=0.7", "T=0.5"], ["pure", "p=0.95", "p=0.8"]):
-        for higher, lower in zip(chain, chain[1:]):
-            assert m[lower]["perplexity"] < m[higher]["perplexity"], (higher, lower)
-            assert m[lower]["distinct_2"] < m[higher]["distinct_2"], (higher, lower)
-    # pure sampling draws from the model itself: its text is about as surprising to the model
-    # as Shakespeare's own lines
-    assert m["pure"]["perplexity"] == pytest.approx(m["human"]["perplexity"], rel=0.25)
+            assert m["greedy"][f"distinct_{n}"] < m[name][f"distinct_{n}"], name + report
+    assert m["greedy"]["repetition"] > 0, report
+    for lower in ("T=0.7", "top-p 0.8"):
+        assert m["pure"]["perplexity"] > m[lower]["perplexity"], lower + report
+        assert m["pure"]["self_bleu"] < m[lower]["self_bleu"], lower + report
+        for n in (1, 2):
+            assert m["pure"][f"distinct_{n}"] > m[lower][f"distinct_{n}"], lower + report
