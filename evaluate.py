@@ -120,6 +120,8 @@ class EvaluateSettings:
         _check(self.threads is None or self.threads >= 1, "threads", self.threads,
                "must be an integer >= 1, or None")
         _check(self.prompts != "", "prompts", "''", "must be a file path, or None")
+        _check(self.prompts is None or self.data == "", "data", self.data,
+               "give --data or --prompts, not both (--prompts brings its own text)")
         for text in self.setting:
             parse_inline_setting(text)
 

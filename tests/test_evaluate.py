@@ -302,14 +302,17 @@ def test_the_command_on_a_bpe_model_with_a_prompts_file(tmp_path, capsys):
     (["--setting=temperature=-1"], "--setting=temperature=-1: temperature=-1.0: must be"),
     (["--setting=top_q=0.5"], "--setting=top_q=0.5: unknown key 'top_q'; did you mean 'top_p'?"),
     (["--sweep=nowhere.toml"], "--sweep=nowhere.toml: no such file"),
+    (["--prompts=p.txt", "--data=d.txt"], "--data=d.txt: give --data or --prompts, not both"),
     (["--prompts=nowhere.txt"], "--prompts=nowhere.txt: no such file"),
     (["--data=nowhere.txt"], "--data=nowhere.txt: no such file"),
     (["--prompt_length=100"], "--prompt_length=100: longer than the model's context of 48"),
     (["--init_from=nowhere"], "init_from='nowhere': no such file or directory"),
 ])
 def test_mistakes_are_one_error_line(char_dir, tmp_path, capsys, args, message):
-    defaults = [f"--init_from={char_dir}", f"--data={char_dir.parent / 'corpus.txt'}",
-                "--prompt_length=20", "--max_new_tokens=8", f"--out_dir={tmp_path}"]
+    data = [] if any(a.startswith("--prompts") for a in args) else \
+        [f"--data={char_dir.parent / 'corpus.txt'}"]
+    defaults = [f"--init_from={char_dir}", *data, "--prompt_length=20", "--max_new_tokens=8",
+                f"--out_dir={tmp_path}"]
     code, out, err = run_main(capsys, *defaults, *args)
     assert code == 2 and out == ""
     assert err.startswith("error: ") and len(err.strip().splitlines()) == 1
