@@ -2,6 +2,7 @@
 
     python evaluate.py                                   # the shipped model, configs/sweep.toml
     python evaluate.py --data=path/to/input.txt --num_prompts=8
+    python evaluate.py --prompts=tests/data/shakespeare_heldout_prompts.jsonl   # no download
     python evaluate.py --init_from=gpt2 --prompts=prompts.jsonl --setting=temperature=0.9,top_p=0.9
 
 For every setting in the sweep (a TOML file of named settings, or inline --setting flags) it
@@ -20,7 +21,9 @@ starts at the beginning of a line; its first `prompt_length` tokens are the prom
 
 Units: repetition, distinct-n, Self-BLEU and Zipf are computed on words (and punctuation marks)
 for a character-level model, on the model's tokens for a BPE model; perplexity and entropy are
-always per model token. The table says which.
+always per model token. The table says which. A text cut at a token count may end inside a
+word; for words, that last piece is left out (metrics.split_words), so "... of the du" ends
+on "the".
 
 How the samples are drawn, so the table reproduces and the settings compare fairly: sample j
 of prompt i has index i * num_samples + j (generate.py seeds it from (seed, index)) under every
