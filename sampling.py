@@ -120,6 +120,16 @@ class BatchParams:
         self.uses_top_p = any(r.top_p < 1 for r in rows)
         self.uses_min_p = any(r.min_p > 0 for r in rows)
         self.uses_top_k = any(0 < r.top_k < vocab_size for r in rows)
+        self.k_max = max(r.top_k for r in rows) if self.uses_top_k else 0
+        # Greedy rows divide by 1 (their order is all that matters, and it stays exact).
+        self.safe_temperature = self.temperature.masked_fill(self.temperature == 0, 1.0)
+        self.all_unit_temperature = all(r.temperature in (0, 1) for r in rows)
+        # Rows without top-k (and not greedy) may keep more tokens than any window holds;
+        # `_Buckets` settles them.
+        self.wide = torch.tensor([not r.greedy and not 0 < r.top_k < vocab_size for r in rows],
+                                 device=device)                       # (B,)
+        self.all_wide = bool(self.wide.all())
+        self.all_rows = torch.arange(len(rows), device=device)
         self.bias = None                                              # (B, V) or None
         if any(r.logit_bias or r.banned_ids for r in rows):
             self.bias = torch.zeros(len(rows), vocab_size, device=device)
@@ -142,7 +152,9 @@ def clean_logits(logits, n_valid):
     is a broken model or input, never a token, so it raises.
     """
     logits = logits.float()  # also keeps T = 1e-4 on float16 logits from overflowing
-    if torch.isnan(logits).any():
+    # One sum finds a NaN (it makes the sum NaN) for ~1/15 of the cost of a (B, V) NaN mask at
+    # batch 64; only a NaN sum (a NaN, or +inf meeting -inf) looks closer.
+    if torch.isnan(logits.sum()) and torch.isnan(logits).any():
         rows = torch.isnan(logits).any(dim=-1).nonzero().flatten().tolist()
         raise ValueError(f"the model produced NaN logits (batch rows {rows})")
     if n_valid < logits.shape[-1]:
@@ -266,81 +278,268 @@ def _ranked_window(logits, width):
     return values, ids.gather(-1, order)
 
 
-def _filter_window(values, params, rows, log_norm_full):
-    """Apply top-k, top-p and min-p to ranked windows. Returns the verdicts and whether each
-    row's window was wide enough to be sure of them."""
-    M = values.shape[-1]
+def _filter_window(values, params):
+    """Apply top-k, top-p and min-p to ranked windows (B, M). Returns the verdicts, whether
+    each row's window was wide enough to be sure of them, and top-k's threshold (B, 1).
+
+    Rows without top-k (`params.wide`) are never sure here: top-p needs their whole
+    vocabulary's probability, and `_Buckets` settles them."""
+    B, M = values.shape
     V = params.vocab_size
-    k = params.top_k[rows]                                               # (R,)
+    always = torch.ones((), dtype=torch.bool, device=values.device).expand(B, M)  # a filter that is off
+    k = params.top_k                                                     # (B,)
     k_active = (k > 0) & (k < V)
-    kth = values.gather(-1, (k - 1).clamp(0, M - 1)[:, None])           # (R, 1)
-    kept_top_k = ~k_active[:, None] | (values >= kth)
+    kth = values.gather(-1, (k - 1).clamp(0, M - 1)[:, None])           # (B, 1)
+    kept_top_k = (~k_active[:, None] | (values >= kth)) if params.uses_top_k else always
 
-    # The distribution top-p and min-p look at: what top-k left, renormalized.
-    masked = values.masked_fill(~kept_top_k, NEG_INF)
-    masked = masked.double()
-    log_norm = torch.where(k_active[:, None], torch.logsumexp(masked, dim=-1, keepdim=True),
-                           log_norm_full)                               # (R, 1) float64
-    probs = torch.exp(masked - log_norm)                                 # (R, M)
-    before = probs.cumsum(dim=-1) - probs
-    p = params.top_p[rows].double()                                      # (R, 1)
-    n_keep = (before < p).sum(dim=-1, keepdim=True).clamp(min=1)
-    last_kept = values.gather(-1, n_keep - 1)
-    kept_top_p = (p >= 1) | (values >= last_kept)
+    kept_top_p = always
+    if params.uses_top_p and params.uses_top_k:
+        # The distribution top-p looks at: what top-k left, renormalized.
+        masked = values.masked_fill(~kept_top_k, NEG_INF).double()
+        probs = torch.exp(masked - torch.logsumexp(masked, dim=-1, keepdim=True))  # (B, M)
+        before = probs.cumsum(dim=-1) - probs
+        p = params.top_p.double()                                        # (B, 1)
+        n_keep = (before < p).sum(dim=-1, keepdim=True).clamp(min=1)
+        last_kept = values.gather(-1, n_keep - 1)
+        kept_top_p = (p >= 1) | (values >= last_kept)
 
-    m = params.min_p[rows]                                               # (R, 1)
-    kept_min_p = (m <= 0) | (torch.exp(values - values[:, :1]) >= m)
+    kept_min_p = always
+    if params.uses_min_p:
+        m = params.min_p                                                 # (B, 1)
+        kept_min_p = (m <= 0) | (torch.exp(values - values[:, :1]) >= m)
 
     kept = kept_top_k & kept_top_p & kept_min_p & torch.isfinite(values)
-    greedy = params.greedy[rows]
-    kept[greedy, 1:] = False  # greedy keeps only the best token, the lowest id among ties
+    if params.any_greedy:
+        kept[params.greedy, 1:] = False  # greedy keeps only the best token, the lowest id among ties
 
     # The window proves its answer when its last token is dropped and top-k's threshold
     # (with its ties) lies inside it; otherwise a kept token could lie beyond it.
     sure = ~kept[:, -1] & (~k_active | ((k < M) & (values[:, -1] < kth[:, 0])))
-    sure = sure | greedy | (M >= V)
-    return kept, kept_top_k, kept_top_p, kept_min_p, sure
+    sure = (sure | params.greedy | (M >= V)) & ~params.wide
+    return (kept, kept_top_k, kept_top_p, kept_min_p), sure, kth
 
 
 def select_candidates(logits, params, window=256):
     """Steps 6-8 for a batch of tempered logits (B, V), without sorting the whole vocabulary.
 
-    Each row starts with a window of its `window` best tokens (wider when top-k asks for
-    more); rows whose window cannot prove the kept set (a flat distribution with a large
-    top-p, pure sampling) are redone on the full sort. Exact either way.
+    Each row gets a window of its `window` best tokens (wider when top-k asks for more).
+    Rows the window cannot settle (no top-k: top-p and min-p need the whole vocabulary's
+    probability; or top-k's threshold tied at the window's edge) take their thresholds from
+    `_Buckets`; rows whose kept tokens reach the window's end are listed whole, sorted, and
+    the other rows padded to the vocabulary's width. Exact either way.
     """
-    B, V = logits.shape
-    k_max = int(params.top_k.max()) if params.uses_top_k else 0
-    width = min(V, max(window, k_max + 1))
-    # top-p without top-k needs each row's normaliser over the whole vocabulary
-    # (summed in float64: top-p compares cumulative sums with p, and a sum that lands on p,
-    # like 0.4 + 0.3 = 0.7, must not tip over through rounding)
-    row_max = logits.max(dim=-1, keepdim=True).values                    # (B, 1)
-    mass = torch.exp(logits - row_max).sum(dim=-1, keepdim=True, dtype=torch.float64)
-    log_norm_full = row_max.double() + mass.log()                        # (B, 1) float64
+    return _listed(logits, params, window)[0]
 
-    rows = torch.arange(B, device=logits.device)
-    values, ids = _ranked_window(logits, width)
-    verdicts = _filter_window(values, params, rows, log_norm_full)
-    sure = verdicts[-1]
-    if not bool(sure.all()):
-        # Redo the unsure rows on the full vocabulary; pad the others to the same width.
-        redo = (~sure).nonzero().flatten()
-        full_values, full_ids = _ranked_window(logits[redo], V)
-        full_verdicts = _filter_window(full_values, params, redo, log_norm_full[redo])
-        pad = V - width
-        values = torch.nn.functional.pad(values, (0, pad), value=NEG_INF)
-        ids = torch.nn.functional.pad(ids, (0, pad), value=0)
-        values[redo], ids[redo] = full_values, full_ids
-        padded = []
-        for mine, theirs in zip(verdicts[:-1], full_verdicts[:-1]):
-            mine = torch.nn.functional.pad(mine, (0, pad), value=False)
-            mine[redo] = theirs
-            padded.append(mine)
-        verdicts = (*padded, None)
-    kept, kept_top_k, kept_top_p, kept_min_p, _ = verdicts
+
+def _listed(logits, params, window, u=None):
+    """select_candidates, and with u given also the draw: (candidates, tokens, ranks)."""
+    width = min(params.vocab_size, max(window, params.k_max + 1))
+    values, ids = _ranked_window(logits, width)                           # (B, M)
+    verdicts, sure, kth = _filter_window(values, params)
+    candidates = _candidates(ids, values, verdicts)
+    ranks = tokens = None
+    if u is not None:
+        ranks = inverse_cdf(candidates, u.nan_to_num(0.0))                # right where sure
+        tokens = ids.gather(-1, ranks[:, None])[:, 0]
+    if bool(sure.all()):
+        return candidates, tokens, ranks
+
+    redo = (~sure).nonzero().flatten()
+    buckets = _Buckets(logits[redo], params, redo, kth[redo])
+    verdicts = [v.contiguous() for v in verdicts]                          # writable
+    for mine, theirs in zip(verdicts, buckets.verdicts(values[redo])):
+        mine[redo] = theirs
+    wider = redo[verdicts[0][redo, -1] & (width < params.vocab_size)]   # kept reach the edge
+    if wider.numel():
+        values, ids, verdicts = _widen(values, ids, verdicts, wider, logits[wider], buckets, redo)
+    candidates = _candidates(ids, values, verdicts)
+    if u is not None:
+        tokens, ranks = tokens.clone(), ranks.clone()
+        tokens[redo] = buckets.draw(u[redo])
+        ranks[redo] = (ids[redo] == tokens[redo, None]).int().argmax(dim=-1)
+    return candidates, tokens, ranks
+
+
+def _candidates(ids, values, verdicts):
+    kept, kept_top_k, kept_top_p, kept_min_p = verdicts
     return Candidates(ids=ids, logits=values, kept=kept, kept_top_k=kept_top_k,
                       kept_top_p=kept_top_p, kept_min_p=kept_min_p, n_kept=kept.sum(dim=-1))
+
+
+def _widen(values, ids, verdicts, wider, logits, buckets, redo):
+    """The windows padded to the vocabulary's width, with rows `wider` listed whole and
+    sorted, their verdicts from `buckets` (which settled rows `redo`)."""
+    V = logits.shape[-1]
+    full_values, full_ids = _ranked_window(logits, V)                   # (W, V)
+    at = (redo[:, None] == wider[None, :]).int().argmax(dim=0)          # wider's place in redo
+    pad = V - values.shape[-1]
+    values = torch.nn.functional.pad(values, (0, pad), value=NEG_INF)
+    ids = torch.nn.functional.pad(ids, (0, pad), value=0)
+    values[wider], ids[wider] = full_values, full_ids
+    padded = []
+    for mine, theirs in zip(verdicts, buckets.verdicts(full_values, at)):
+        mine = torch.nn.functional.pad(mine, (0, pad), value=False)
+        mine[wider] = theirs
+        padded.append(mine)
+    return values, ids, padded
+
+
+# ----------------------------------------------------------------------------------------------
+# Rows a window cannot settle: thresholds and the draw without sorting the vocabulary
+
+class _Buckets:
+    """The rows whose kept set can be wider than a window (R of them, (R, V) logits), settled
+    without sorting the vocabulary.
+
+    Why: with a flat distribution top-p 0.9 keeps most of the vocabulary, and a stable sort of
+    50257 logits costs 4-8 ms per row on our 2-core EPYC, about a third of a batch-1 decode
+    step. Both things to find, top-p's last kept token and the drawn token, are where a
+    running sum in the draw's order (descending logit, ties by ascending id) first reaches a
+    target. So: cut each row's logits into N_BUCKETS buckets by value (a larger logit never
+    lands in a later bucket), add up each bucket's probability mass, find the bucket where
+    the running sum reaches the target, and sort only that bucket's members (a few dozen).
+    The masses are float64, as the reference's are; they are added in another order, so a
+    sum can differ from the reference's in its last bits (~1e-16), never more.
+    """
+
+    N_BUCKETS = 4096  # a flat row of GPT-2's 50257 logits puts a few dozen in a bucket
+    SPAN = 46.0  # logits more than this below the row's best (probability ratio < 1e-20)
+    #              all share the last bucket
+
+    def __init__(self, logits, params, rows, kth):
+        self.logits = logits                                             # (R, V) float32
+        R, V = logits.shape
+        NB = self.N_BUCKETS
+        top = logits.amax(dim=-1, keepdim=True)                          # (R, 1)
+        span = (top - logits.amin(dim=-1, keepdim=True)).clamp_(1e-6, self.SPAN)
+        # In place where possible: at batch 64 each (R, V) temporary is 13-26 MB, and fresh
+        # memory that size costs page faults worth ~1 ms per temporary.
+        shifted = logits - top                                           # (R, V) <= 0
+        weights = shifted.double().exp_()                                # (R, V) float64
+        min_p_relative = None
+        if params.uses_min_p:
+            min_p_relative = torch.exp(shifted)                          # as apply_min_p, float32
+        self.bucket = shifted.mul_(-(NB - 1) / span).clamp_(max=NB - 1).long()  # -inf: last
+        del shifted
+        k = params.top_k[rows]
+        k_active = ((k > 0) & (k < V))[:, None]
+        self.kth = NEG_INF if kth is None else kth                       # (R, 1) from the window
+        self.kth = torch.where(k_active, self.kth, NEG_INF)
+        if params.uses_top_k and bool((self.kth > NEG_INF).any()):
+            weights = weights.masked_fill(logits < self.kth, 0.0)        # top-k's threshold
+        running = self._running_mass(weights)                            # (R, NB)
+
+        # Top-p, on what top-k left: the last kept token is the first whose running sum, itself
+        # included, reaches p * total (the mass before it is still < p * total).
+        p = params.top_p[rows].double()                                  # (R, 1)
+        self.p_active = p[:, 0] < 1
+        self.tau = torch.full((R, 1), NEG_INF, device=logits.device)     # top-p's last kept logit
+        kept_weights, kept_running = weights, running
+        if bool(self.p_active.any()):
+            table = self._bucket_table(weights, running, p[:, 0] * running[:, -1], strict=False)
+            last = table.first()
+            self.tau = torch.where(self.p_active[:, None], table.values.gather(-1, last), NEG_INF)
+            # The kept mass: the buckets ahead, and the last bucket's tokens down to tau.
+            kept_in_last = table.w.masked_fill(table.values < self.tau, 0.0).sum(dim=-1)
+            kept_total = torch.where(self.p_active, table.before + kept_in_last, running[:, -1])
+            beyond = torch.arange(NB, device=logits.device) >= table.bucket[:, None]
+            beyond &= self.p_active[:, None]
+            kept_running = torch.where(beyond, kept_total[:, None], running)
+            kept_weights = None  # tokens below tau still carry weight; draw() masks its table
+
+        self.m = params.min_p[rows]                                      # (R, 1)
+        if params.uses_min_p and bool((self.m > 0).any()):
+            keep = (self.m <= 0) | (min_p_relative >= self.m)
+            keep &= logits >= self.tau
+            kept_weights = weights.masked_fill(~keep, 0.0)
+            kept_running = self._running_mass(kept_weights)
+        self.weights = weights if kept_weights is None else kept_weights
+        self.kept_running = kept_running
+
+    def _running_mass(self, weights):
+        """Running sum of the buckets' masses, best bucket first. (R, V) -> (R, NB) float64"""
+        mass = torch.zeros(weights.shape[0], self.N_BUCKETS, dtype=torch.float64,
+                           device=weights.device)
+        return mass.scatter_add_(1, self.bucket, weights).cumsum_(dim=-1)
+
+    def _bucket_table(self, weights, running, target, strict):
+        """The bucket where the running sum first reaches target (> target when strict),
+        its members sorted in the draw's order, as a small (R, C) table."""
+        R = weights.shape[0]
+        device = weights.device
+        bucket = torch.searchsorted(running, target[:, None], right=strict)[:, 0]
+        bucket = bucket.clamp(max=self.N_BUCKETS - 1)                     # (R,)
+        before = running.gather(-1, (bucket - 1).clamp(min=0)[:, None])[:, 0]
+        before = torch.where(bucket > 0, before, 0.0)                    # mass of the buckets ahead
+        member = self.bucket == bucket[:, None]                          # (R, V)
+        row, col = member.nonzero(as_tuple=True)                         # ids ascend within a row
+        count = torch.bincount(row, minlength=R)                          # (R,)
+        C = max(int(count.max()), 1)
+        slot = torch.arange(row.numel(), device=device) - (count.cumsum(0) - count)[row]
+        ids = torch.zeros(R, C, dtype=torch.long, device=device)
+        values = torch.full((R, C), NEG_INF, device=device)
+        w = torch.zeros(R, C, dtype=torch.float64, device=device)
+        ids[row, slot], values[row, slot], w[row, slot] = col, self.logits[row, col], weights[row, col]
+        values, order = values.sort(dim=-1, descending=True, stable=True)  # ties keep id order
+        return _Table(bucket, before, ids.gather(-1, order), values, w.gather(-1, order),
+                      target, strict, count)
+
+    def draw(self, u):
+        """Step 10 for these rows: the first kept token whose cumulative probability exceeds
+        u (float64, (R,)). As in `inverse_cdf`, a u above a total that rounding left a hair
+        under 1 goes to the last kept token. -> (R,) token ids"""
+        running = self.kept_running
+        target = u * running[:, -1]
+        table = self._bucket_table(self.weights, running, target, strict=True)
+        table.w = table.w.masked_fill(table.values < self.tau, 0.0)     # below top-p's cut
+        tokens = table.ids.gather(-1, table.first())[:, 0]
+        past_the_end = target >= running[:, -1]
+        if bool(past_the_end.any()):
+            tokens = torch.where(past_the_end, self._last_kept(), tokens)
+        return tokens
+
+    def _last_kept(self):
+        """The last kept token of each row in the draw's order: the smallest kept logit, the
+        highest id among its ties."""
+        kept = (self.weights > 0) & (self.logits >= self.tau)
+        smallest = self.logits.masked_fill(~kept, float("inf")).amin(dim=-1, keepdim=True)
+        at = kept & (self.logits == smallest)
+        V = self.logits.shape[-1]
+        return (at * torch.arange(1, V + 1, device=at.device)).argmax(dim=-1)
+
+    def verdicts(self, values, rows=None):
+        """kept, kept_top_k, kept_top_p, kept_min_p of ranked logits (descending) of these
+        rows (or of the subset `rows` of them)."""
+        kth, tau, m, p_active = self.kth, self.tau, self.m, self.p_active
+        if rows is not None:
+            kth, tau, m, p_active = kth[rows], tau[rows], m[rows], p_active[rows]
+        kept_top_k = values >= kth
+        kept_top_p = ~p_active[:, None] | (values >= tau)
+        kept_min_p = (m <= 0) | (torch.exp(values - values[:, :1]) >= m)
+        kept = kept_top_k & kept_top_p & kept_min_p & torch.isfinite(values)
+        return kept, kept_top_k, kept_top_p, kept_min_p
+
+
+@dataclass
+class _Table:
+    """One bucket per row, its members sorted in the draw's order (padding: -inf, weight 0)."""
+    bucket: torch.Tensor    # (R,) which bucket
+    before: torch.Tensor    # (R,) float64 mass of the buckets ahead of it
+    ids: torch.Tensor       # (R, C)
+    values: torch.Tensor    # (R, C) logits
+    w: torch.Tensor         # (R, C) float64 weights
+    target: torch.Tensor    # (R,) float64
+    strict: bool
+    count: torch.Tensor     # (R,) members
+
+    def first(self):
+        """(R, 1) position of the first member whose running sum reaches the target. Where
+        rounding leaves the members' sum a hair short of the bucket's, the last member."""
+        running = self.before[:, None] + self.w.cumsum(dim=-1)            # (R, C)
+        hit = running > self.target[:, None] if self.strict else running >= self.target[:, None]
+        hit &= self.w > 0
+        last = (self.w > 0).long().cumsum(dim=-1).argmax(dim=-1)         # the last weighted member
+        return torch.where(hit.any(dim=-1), hit.int().argmax(dim=-1), last)[:, None]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -374,20 +573,24 @@ def inverse_cdf(candidates, u):
 
 @dataclass
 class Step:
-    """What one sampling step decided, per row. `candidates` and `u` feed the explain trace."""
+    """What one sampling step decided, per row. `candidates` and `ranks` feed the explain
+    trace; they are None when sample_step was asked not to list them."""
     tokens: torch.Tensor          # (B,) the chosen ids
-    ranks: torch.Tensor           # (B,) the chosen token's place among the candidates
+    ranks: torch.Tensor | None    # (B,) the chosen token's place among the candidates
     u: torch.Tensor               # (B,) float64; NaN for greedy rows, which draw nothing
-    candidates: Candidates
+    candidates: Candidates | None
     adjusted: torch.Tensor        # (B, V) logits after clean-up, bias and penalties (pre-temperature)
 
 
-def sample_step(logits, params, generators, n_valid, seen=None, counts=None, window=256):
+def sample_step(logits, params, generators, n_valid, seen=None, counts=None, window=256,
+                candidates=True):
     """SAMPLING.md §1 for one step of a batch: raw logits (B, V) -> the chosen tokens.
 
     `generators` holds one torch.Generator per row (greedy rows ignore their u); `seen` (B, V)
     bool marks ids in the prompt or output so far, `counts` (B, V) counts generated ids; both
-    are needed only when a row uses penalties.
+    are needed only when a row uses penalties. `candidates=False` skips listing the candidates
+    for the explain trace (Step.candidates and Step.ranks are then None): the tokens are the
+    same, and a batch without top-k needs no window at all.
     """
     logits = clean_logits(logits, n_valid)
     if params.bias is not None:
@@ -398,15 +601,21 @@ def sample_step(logits, params, generators, n_valid, seen=None, counts=None, win
         logits = apply_repetition_penalty(logits, seen, params.repetition_penalty)
         logits = apply_frequency_presence(logits, counts, params.frequency_penalty,
                                           params.presence_penalty)
-    # Greedy rows divide by 1: their order is all that matters and it stays exact.
-    temperature = params.temperature.masked_fill(params.temperature == 0, 1.0)
-    tempered = apply_temperature(logits, temperature)
-    candidates = select_candidates(tempered, params, window)
+    # Greedy rows divide by 1: their order is all that matters and it stays exact. With every
+    # temperature 1 (or greedy) nothing changes, bit for bit, so nothing is divided.
+    tempered = logits if params.all_unit_temperature else apply_temperature(
+        logits, params.safe_temperature)
     if params.all_greedy:
         u = torch.full((len(params),), math.nan, dtype=torch.float64, device=logits.device)
     else:
         u = draw_uniforms(generators, logits.device)
-        u = u.masked_fill(params.greedy, math.nan)
-    ranks = inverse_cdf(candidates, u.nan_to_num(0.0))
-    tokens = candidates.ids.gather(-1, ranks[:, None])[:, 0]
-    return Step(tokens=tokens, ranks=ranks, u=u, candidates=candidates, adjusted=logits)
+        if params.any_greedy:
+            u = u.masked_fill(params.greedy, math.nan)
+
+    if candidates or not params.all_wide:
+        listed, tokens, ranks = _listed(tempered, params, window, u)
+        if not candidates:
+            listed = ranks = None
+    else:  # no row has top-k or is greedy, and no one will read the candidates
+        tokens, listed, ranks = _Buckets(tempered, params, params.all_rows, None).draw(u), None, None
+    return Step(tokens=tokens, ranks=ranks, u=u, candidates=listed, adjusted=logits)

@@ -7,6 +7,7 @@ import pytest
 import torch
 from hypothesis import given, settings, strategies as st
 
+import sampling
 from sampling import (BatchParams, SamplingParams, apply_frequency_presence, apply_min_p,
                       apply_repetition_penalty, apply_temperature, apply_top_k, apply_top_p,
                       clean_logits, final_probabilities, greedy_tokens, inverse_cdf,
@@ -188,6 +189,67 @@ def test_flat_rows_fall_back_to_the_full_sort():
     assert len(kept[0]) == 1000  # all tied: all kept
     assert kept[1] == {7}
     assert cand.ids.shape[1] == 1000  # the batch was widened for the flat row
+
+
+def reference_draw(tempered, u, top_k=0, top_p=1.0, min_p=0.0):
+    """SAMPLING.md step 10 the slow way, one row: sort everything, accumulate, take the first
+    token whose cumulative probability exceeds u."""
+    kept = reference_truncate(tempered[None], top_k, top_p, min_p)[0]
+    values, order = kept.sort(descending=True, stable=True)  # ties in ascending id order
+    n = int((values > NEG_INF).sum())
+    cdf = torch.softmax(values[:n].double(), dim=-1).cumsum(dim=-1)
+    rank = min(int(torch.searchsorted(cdf, torch.tensor([u], dtype=torch.float64), right=True)),
+               n - 1)
+    return int(order[rank])
+
+
+@pytest.mark.parametrize("settings", [dict(top_p=0.9), dict(top_p=0.5, temperature=0.7),
+                                      dict(top_k=600, top_p=0.95), dict(min_p=0.05),
+                                      dict(temperature=1.3), dict(top_p=0.8, min_p=0.02)])
+@pytest.mark.parametrize("quantized", [False, True])
+def test_rows_no_window_settles_draw_as_the_sorted_reference(settings, quantized):
+    # Flat rows over 3000 ids: the window of 256 cannot settle them, so the bucketed search
+    # finds the kept set and the drawn token. Both must be what sorting everything gives,
+    # for 40 rows x 3 values of u each, ties included.
+    gen = torch.Generator().manual_seed(11)
+    raw = torch.randn(40, 3000, generator=gen) * torch.rand(40, 1, generator=gen) * 2
+    if quantized:  # many exact ties
+        raw = (raw * 4).round() / 4
+    params = BatchParams([SamplingParams(**settings)] * 40, 3000)
+    tempered = apply_temperature(raw, settings.get("temperature", 1.0))
+    expected = reference_truncate(tempered, settings.get("top_k", 0), settings.get("top_p", 1.0),
+                                  settings.get("min_p", 0.0))
+    kept, cand = fast_kept(tempered, **{k: v for k, v in settings.items() if k != "temperature"})
+    assert kept == [set((expected[r] > NEG_INF).nonzero().flatten().tolist()) for r in range(40)]
+    if "top_k" not in settings:
+        assert cand.ids.shape[1] == 3000  # the window did not settle them
+
+    for trial in range(3):
+        seeds = [1000 * trial + r for r in range(40)]
+        listed = sample_step(raw, params, [torch.Generator().manual_seed(s) for s in seeds], 3000)
+        quick = sample_step(raw, params, [torch.Generator().manual_seed(s) for s in seeds], 3000,
+                            candidates=False)
+        assert quick.candidates is None and quick.ranks is None
+        assert torch.equal(listed.tokens, quick.tokens)
+        assert torch.equal(listed.candidates.ids.gather(-1, listed.ranks[:, None])[:, 0],
+                           listed.tokens)
+        for r in range(40):
+            u = listed.u[r].item()
+            assert listed.tokens[r].item() == reference_draw(tempered[r], u, **{
+                k: v for k, v in settings.items() if k != "temperature"}), (r, u)
+
+
+def test_bucketed_draw_at_the_edges_of_u():
+    # u = 0 takes the most probable token; u just under 1 the last kept one.
+    logits = torch.randn(3, 2000, generator=torch.Generator().manual_seed(3)) * 0.3
+    params = BatchParams([SamplingParams(top_p=0.9)] * 3, 2000)
+    tempered = logits
+    buckets = sampling._Buckets(tempered, params, torch.arange(3), None)
+    first = buckets.draw(torch.zeros(3, dtype=torch.float64))
+    assert first.tolist() == tempered.argmax(dim=-1).tolist()
+    last = buckets.draw(torch.full((3,), 1 - 2**-53, dtype=torch.float64))
+    for r in range(3):
+        assert last[r].item() == reference_draw(tempered[r], 1 - 2**-53, top_p=0.9)
 
 
 # ----------------------------------------------------------------------------------------------
