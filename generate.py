@@ -157,8 +157,11 @@ def _generate_batch(model, tokenizer, prompt_ids, params, samples, *, max_new_to
             yield Piece(i, "", None, True, "length")
         return
 
-    # Prefill: the prompt is the same for every row, so it is computed once.
-    cache = KVCache(config, B, device=device, dtype=dtype)
+    # Prefill: the prompt is the same for every row, so it is computed once. The cache holds
+    # what this call can reach (the prompt and every token fed back), not a whole block: at
+    # batch 64 a 1024-position cache is 4.8 GB of fp32, 128 new tokens need 0.7 GB of it.
+    max_len = min(config.block_size, len(prompt_ids) + max_new_tokens - 1)
+    cache = KVCache(config, B, max_len=max_len, device=device, dtype=dtype)
     prompt = torch.tensor([prompt_ids], dtype=torch.long, device=device)  # (1, T)
     logits = model(prompt, cache=cache, last_only=True)[:, -1].expand(B, -1)  # (B, V)
     sequences = [list(prompt_ids) for _ in samples]
@@ -172,7 +175,8 @@ def _generate_batch(model, tokenizer, prompt_ids, params, samples, *, max_new_to
 
     for step in range(max_new_tokens):
         result = sample_step(logits, batch_params, generators, tokenizer.n_vocab,
-                             seen=seen, counts=counts, window=window)
+                             seen=seen, counts=counts, window=window,
+                             candidates=trace is not None)  # only the trace reads them
         if trace is not None:
             trace(TraceStep(samples, list(active), step, len(sequences[0]), logits,
                             batch_params, result))
