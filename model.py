@@ -35,22 +35,42 @@ FEW_ROWS = 4
 ROW_BLOCK = 256
 
 
+def _onednn_linear():
+    """oneDNN's fp32 linear (the op torch.compile's CPU backend uses), or None without it."""
+    try:
+        return torch.ops.mkldnn._linear_pointwise if torch.backends.mkldnn.is_available() else None
+    except (AttributeError, RuntimeError):
+        return None
+
+
+ONEDNN_LINEAR = _onednn_linear()
+
+
 def linear(x, weight, bias=None):
     """x @ weight.T + bias: (..., in) -> (..., out), with weight (out, in) as in nn.Linear.
 
-    Why the second route: decoding multiplies one row per sample by every weight matrix, so
-    a decode step is bound by how fast the weights stream from memory. For one row, F.linear
-    (MKL, torch 2.13, fp32) streams an (out, in) matrix at ~10 GB/s on our 2-core EPYC; the
-    same products cut into blocks of 256 weight rows and run as one bmm stream at ~25 GB/s,
-    and a batch-1 decode step of GPT-2 124M drops from ~40 to ~22 ms (one thread; bench.py
-    measures it). From ~8 rows on, F.linear is the faster one again. Same sums, other order:
-    the results differ from F.linear's only by float32 rounding (~1e-6 relative).
+    F.linear, except for two routes on the CPU in fp32 (no autograd, no autocast), there because
+    a decode step multiplies only a few rows by every weight matrix (torch 2.13 with its MKL,
+    our 2-core AMD EPYC; bench.py measures them):
+    - 1-4 rows: F.linear streams a weight matrix at ~10 GB/s; the same products cut into
+      blocks of 256 weight rows and run as one bmm stream at ~25 GB/s. A batch-1 decode step
+      of GPT-2 124M: ~40 -> ~24 ms on one thread.
+    - more rows: oneDNN's linear is ~20% faster than MKL's for a handful of rows (batch 8
+      and 64 decode steps, 16-token prefills), which MKL computes at a fraction of the
+      machine's speed.
+    Same sums in another order: results differ from F.linear's by float32 rounding only.
     """
     out_features, in_features = weight.shape
     rows = x.numel() // in_features
-    if (x.device.type != "cpu" or weight.dtype != torch.float32 or not 0 < rows <= FEW_ROWS
-            or not weight.is_contiguous()):
+    if (x.device.type != "cpu" or x.dtype != torch.float32 or weight.dtype != torch.float32
+            or rows == 0 or not weight.is_contiguous() or torch.is_autocast_enabled("cpu")
+            or torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)):
         return F.linear(x, weight, bias)
+    if rows > FEW_ROWS:
+        if ONEDNN_LINEAR is None:
+            return F.linear(x, weight, bias)
+        y = ONEDNN_LINEAR(x.reshape(rows, in_features), weight, bias, "none", [], "")
+        return y.reshape(*x.shape[:-1], out_features)
     block = min(ROW_BLOCK, out_features)
     n_blocks = out_features // block
     split = n_blocks * block

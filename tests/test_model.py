@@ -10,10 +10,10 @@ from model import GPT, GPTConfig, KVCache, linear
 
 
 @pytest.mark.parametrize("out_features", [7, 256, 600, 50257])
-@pytest.mark.parametrize("shape", [(1, 1), (1, 3), (3, 1), (2, 2), (5, 1)])
+@pytest.mark.parametrize("shape", [(1, 1), (1, 3), (3, 1), (2, 2), (5, 1), (4, 16)])
 def test_linear_matches_f_linear(out_features, shape):
     # 1-4 rows take the bmm route (blocks of 256 weight rows, the rest on its own); 5 rows
-    # and more are F.linear itself. Same sums in another order: float32 rounding apart.
+    # and more oneDNN's linear. Same sums in another order: float32 rounding apart.
     gen = torch.Generator().manual_seed(out_features)
     weight = torch.randn(out_features, 48, generator=gen) * 0.1
     bias = torch.randn(out_features, generator=gen)
@@ -24,13 +24,17 @@ def test_linear_matches_f_linear(out_features, shape):
         assert (got - F.linear(x, weight, b)).abs().max().item() <= 1e-5
 
 
-def test_linear_falls_back_where_the_route_does_not_apply():
+def test_linear_falls_back_where_the_routes_do_not_apply():
     weight = torch.randn(300, 32)
     x = torch.randn(1, 1, 32)
     transposed = weight.t().contiguous().t()  # same values, not row-contiguous
     assert torch.equal(linear(x, transposed), F.linear(x, transposed))
     half = weight.bfloat16()
     assert torch.equal(linear(x.bfloat16(), half), F.linear(x.bfloat16(), half))
+    trained = weight.clone().requires_grad_()  # autograd: F.linear, whose backward exists
+    for rows in (1, 8):
+        y = linear(torch.randn(rows, 32), trained)
+        assert y.grad_fn is not None and "Mm" in type(y.grad_fn).__name__
 
 
 def test_decode_through_the_bmm_route_equals_the_full_forward():
