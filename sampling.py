@@ -130,6 +130,7 @@ class BatchParams:
                                  device=device)                       # (B,)
         self.all_wide = bool(self.wide.all())
         self.all_rows = torch.arange(len(rows), device=device)
+        self.scratch = {}  # work tensors the sampler reuses from step to step (_Buckets)
         self.bias = None                                              # (B, V) or None
         if any(r.logit_bias or r.banned_ids for r in rows):
             self.bias = torch.zeros(len(rows), vocab_size, device=device)
@@ -410,17 +411,18 @@ class _Buckets:
         self.logits = logits                                             # (R, V) float32
         R, V = logits.shape
         NB = self.N_BUCKETS
+        self.scratch = params.scratch
         top = logits.amax(dim=-1, keepdim=True)                          # (R, 1)
         span = (top - logits.amin(dim=-1, keepdim=True)).clamp_(1e-6, self.SPAN)
-        # In place where possible: at batch 64 each (R, V) temporary is 13-26 MB, and fresh
-        # memory that size costs page faults worth ~1 ms per temporary.
-        shifted = logits - top                                           # (R, V) <= 0
-        weights = shifted.double().exp_()                                # (R, V) float64
+        shifted = torch.sub(logits, top, out=self._buffer("shifted", (R, V), torch.float32))
+        weights = self._buffer("weights", (R, V), torch.float64).copy_(shifted).exp_()
         min_p_relative = None
         if params.uses_min_p:
             min_p_relative = torch.exp(shifted)                          # as apply_min_p, float32
-        self.bucket = shifted.mul_(-(NB - 1) / span).clamp_(max=NB - 1).long()  # -inf: last
-        del shifted
+        # Each logit's bucket: 0 for the row's best, NB - 1 for -inf. Kept as float32 too,
+        # whose comparisons read half the memory of int64's.
+        self.bucket_f = shifted.mul_(-(NB - 1) / span).clamp_(max=NB - 1).floor_()
+        self.bucket = self._buffer("bucket", (R, V), torch.long).copy_(self.bucket_f)  # (R, V)
         k = params.top_k[rows]
         k_active = ((k > 0) & (k < V))[:, None]
         self.kth = NEG_INF if kth is None else kth                       # (R, 1) from the window
@@ -456,6 +458,15 @@ class _Buckets:
         self.weights = weights if kept_weights is None else kept_weights
         self.kept_running = kept_running
 
+    def _buffer(self, name, shape, dtype):
+        """An (R, V) work tensor, reused from step to step: at batch 8-64 fresh memory of
+        that size costs page faults worth more than the arithmetic done in it."""
+        buffer = self.scratch.get(name)
+        if buffer is None or buffer.shape[0] < shape[0] or buffer.shape[1:] != shape[1:] \
+                or buffer.dtype != dtype or buffer.device != self.logits.device:
+            buffer = self.scratch[name] = torch.empty(shape, dtype=dtype, device=self.logits.device)
+        return buffer[:shape[0]]
+
     def _running_mass(self, weights):
         """Running sum of the buckets' masses, best bucket first. (R, V) -> (R, NB) float64"""
         mass = torch.zeros(weights.shape[0], self.N_BUCKETS, dtype=torch.float64,
@@ -471,7 +482,8 @@ class _Buckets:
         bucket = bucket.clamp(max=self.N_BUCKETS - 1)                     # (R,)
         before = running.gather(-1, (bucket - 1).clamp(min=0)[:, None])[:, 0]
         before = torch.where(bucket > 0, before, 0.0)                    # mass of the buckets ahead
-        member = self.bucket == bucket[:, None]                          # (R, V)
+        member = torch.eq(self.bucket_f, bucket[:, None].float(),
+                          out=self._buffer("member", weights.shape, torch.bool))  # (R, V)
         row, col = member.nonzero(as_tuple=True)                         # ids ascend within a row
         count = torch.bincount(row, minlength=R)                          # (R,)
         C = max(int(count.max()), 1)
@@ -617,5 +629,19 @@ def sample_step(logits, params, generators, n_valid, seen=None, counts=None, win
         if not candidates:
             listed = ranks = None
     else:  # no row has top-k or is greedy, and no one will read the candidates
-        tokens, listed, ranks = _Buckets(tempered, params, params.all_rows, None).draw(u), None, None
+        tokens, listed, ranks = _draw_wide_rows(tempered, params, u), None, None
     return Step(tokens=tokens, ranks=ranks, u=u, candidates=listed, adjusted=logits)
+
+
+ROWS_AT_ONCE = 16
+
+
+def _draw_wide_rows(logits, params, u):
+    """`_Buckets` draws for every row, ROWS_AT_ONCE rows at a time: each row's result is its
+    own, and at batch 64 sixteen rows at once take half the time all 64 do (their float64
+    temporaries, 6 MB instead of 26 MB, stay in cache and need no fresh pages)."""
+    tokens = []
+    for start in range(0, len(params), ROWS_AT_ONCE):
+        rows = params.all_rows[start:start + ROWS_AT_ONCE]
+        tokens.append(_Buckets(logits[start:start + ROWS_AT_ONCE], params, rows, None).draw(u[rows]))
+    return torch.cat(tokens)

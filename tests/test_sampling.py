@@ -239,6 +239,19 @@ def test_rows_no_window_settles_draw_as_the_sorted_reference(settings, quantized
                 k: v for k, v in settings.items() if k != "temperature"}), (r, u)
 
 
+def test_bucketed_draw_of_a_row_does_not_depend_on_its_batch():
+    # SAMPLING.md §4: a sample's tokens do not depend on how samples are batched; the
+    # bucketed path works 16 rows at a time, so batches of 1, 16 and 40 must agree.
+    gen = torch.Generator().manual_seed(5)
+    logits = torch.randn(40, 5000, generator=gen) * torch.rand(40, 1, generator=gen) * 3
+    u = torch.rand(40, generator=gen, dtype=torch.float64)
+    params = BatchParams([SamplingParams(top_p=0.9, temperature=0.9)] * 40, 5000)
+    together = sampling._draw_wide_rows(logits, params, u)
+    for r in (0, 17, 39):
+        alone = sampling._draw_wide_rows(logits[r:r + 1], BatchParams(params.rows[:1], 5000), u[r:r + 1])
+        assert alone.item() == together[r].item()
+
+
 def test_bucketed_draw_at_the_edges_of_u():
     # u = 0 takes the most probable token; u just under 1 the last kept one.
     logits = torch.randn(3, 2000, generator=torch.Generator().manual_seed(3)) * 0.3
