@@ -1,0 +1,603 @@
+"""Speed benchmark: our `generate` against Hugging Face transformers' `generate` on the same
+weights, with a plain loop without a KV cache (nanoGPT's method) as the floor.
+
+What one run measures, interleaved so that a busy spell on a shared machine hurts every
+system alike (each repeat runs every system once, in rotating order):
+
+- per (batch size, sampler, new tokens): prefill (the prompt, up to the first token) and
+  decode (every later token) timed apart, after a warm-up; medians over the repeats of
+  tokens/s, ms per decode step, and the ratio against transformers in the same run;
+- the sampler's share of our decode step (`sampling.sample_step` timed inside `generate`);
+- cold start: a fresh process per system, from its launch to the first generated token
+  (imports, tokenizer, loading, prefill), and its peak memory (RSS high-water mark);
+- the machine's read bandwidth (a sum over 512 MiB) and the batch-1 bound it implies:
+  the bytes of weights one decode step streams, divided by that bandwidth.
+
+The settings are the same for every system: a 16-token prompt, `top_k` = temperature 0.8 and
+top-k 200 (nanoGPT's defaults) or `top_p` = temperature 1 and top-p 0.9 (top-k off); every
+sample is exactly `new_tokens` long (ours: stop_at_eot=False; transformers: min_new_tokens =
+max_new_tokens, use_cache=True). By default the model is GPT-2 124M's shape with random
+weights, written once by transformers (`GPT2LMHeadModel(GPT2Config()).save_pretrained`) into
+a cache folder under the system's temp dir and reused; --init_from loads any checkpoint ours
+can (transformers is then given the same weights when the folder is in its format).
+
+    .venv/bin/python bench.py            # ~10-15 min on 2 cores: batch 1, 8 and 64, both samplers
+    .venv/bin/python bench.py --quick    # ~2 min: batch 1, 128 tokens, one repeat
+    .venv/bin/python bench.py --full     # issue 5's whole matrix: long (an hour or more)
+
+The last line printed is one JSON object with every number.
+"""
+
+import contextlib
+import json
+import math
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+
+from settings import HelpRequested, SettingsError, parse_settings, setting
+
+ROOT = Path(__file__).resolve().parent
+SAMPLERS = {  # name -> (our SamplingParams fields, transformers' generate kwargs)
+    "top_k": (dict(temperature=0.8, top_k=200), dict(temperature=0.8, top_k=200)),
+    "top_p": (dict(temperature=1.0, top_p=0.9), dict(temperature=1.0, top_k=0, top_p=0.9)),
+}
+SYSTEMS = ("ours", "hf", "nocache")
+SYSTEM_NAMES = {"ours": "ours (KV cache)", "hf": "transformers", "nocache": "no cache (floor)"}
+# The default run: (batch size, new tokens) pairs, each with both samplers.
+DEFAULT_PLAN = ((1, 128), (8, 128), (1, 512), (64, 128))
+FULL_PLAN = tuple((b, n) for b in (1, 8, 64) for n in (128, 512))
+QUICK_PLAN = ((1, 128),)
+# 16 GPT-2 tokens, encoded by each system's own tokenizer
+COLD_PROMPT = "The quick brown fox jumps over the lazy dog, and then it runs far away"
+
+
+HELP = ("Speed benchmark: our generate vs transformers' generate (same weights, same settings) "
+        "vs a no-cache loop. The default run (batch 1 x 128 and 512 tokens, batch 8 and 64 x 128 "
+        "tokens, top_k and top_p, 3 repeats, 3 cold starts) takes ~10-15 minutes on 2 cores; "
+        "--quick ~2 minutes; --full (issue 5's whole matrix) an hour or more. The last line is "
+        "one JSON object.")
+
+
+@dataclass(frozen=True)
+class BenchSettings:
+    """bench.py's settings. Default run: (batch, new tokens) in (1,128), (8,128), (1,512),
+    (64,128), both samplers, all systems, ~10-15 minutes on 2 cores."""
+    init_from: str | None = setting(None,
+        "checkpoint to benchmark (anything --init_from of sample.py accepts); None = GPT-2 124M's "
+        "shape with random weights, written by transformers into --cache_dir and reused")
+    cache_dir: str | None = setting(None, "where the random checkpoint is kept; None = "
+                                          "<temp dir>/nanosample-bench")
+    quick: bool = setting(False, "a ~2-minute run: batch 1, 128 tokens, both samplers, one "
+                                 "repeat, no no-cache floor, one cold start each")
+    full: bool = setting(False, "issue 5's whole matrix: batch 1, 8, 64 x 128 and 512 tokens "
+                                "(long: an hour or more on 2 cores)")
+    batch_sizes: tuple[int, ...] | None = setting(None,
+        "batch sizes to run (with --new_tokens: their grid); None = the plan above")
+    new_tokens: tuple[int, ...] | None = setting(None,
+        "new tokens per sample (with --batch_sizes: their grid); None = the plan above")
+    samplers: tuple[str, ...] = setting(("top_k", "top_p"),
+        "top_k (temperature 0.8, top-k 200) and/or top_p (temperature 1, top-p 0.9)")
+    systems: tuple[str, ...] = setting(SYSTEMS, "which of ours, hf (transformers), nocache to run")
+    repeats: int = setting(3, "timed runs per system and setting (medians are reported)")
+    seconds_per_setting: float = setting(120.0,
+        "start no repeat of a setting that would end after this many seconds of it (the "
+        "first always runs): batch 64 gets one repeat on 2 cores")
+    nocache_max_tokens: int = setting(1024,
+        "run the no-cache floor only where batch x new tokens <= this (it is quadratic: batch 8 "
+        "x 512 tokens would take most of an hour)")
+    prompt_tokens: int = setting(16, "prompt length in tokens")
+    cold_starts: int = setting(3, "fresh processes per system for cold start and peak memory "
+                                  "(batch 1, 128 tokens, top_k); 0 = skip")
+    threads: int | None = setting(None, "torch threads for every system; None = torch's default")
+    seed: int = setting(1337, "random seed of the samplers")
+
+    def __post_init__(self):
+        for name in ("samplers", "systems"):  # --systems=ours,hf works as well as repeating it
+            words = tuple(w.strip() for v in getattr(self, name) for w in v.split(",") if w.strip())
+            object.__setattr__(self, name, words)
+        for name in self.samplers:
+            if name not in SAMPLERS:
+                raise ValueError(f"samplers={name}: must be top_k or top_p")
+        for name in self.systems:
+            if name not in SYSTEMS:
+                raise ValueError(f"systems={name}: must be ours, hf or nocache")
+        for name in ("batch_sizes", "new_tokens"):
+            values = getattr(self, name)
+            if values is not None and (not values or min(values) < 1):
+                raise ValueError(f"{name}={values}: must be integers >= 1")
+        if self.repeats < 1:
+            raise ValueError(f"repeats={self.repeats}: must be >= 1")
+        if not 1 <= self.prompt_tokens <= 512:
+            raise ValueError(f"prompt_tokens={self.prompt_tokens}: must be 1 to 512")
+        if self.cold_starts < 0:
+            raise ValueError(f"cold_starts={self.cold_starts}: must be >= 0")
+        if self.threads is not None and self.threads < 1:
+            raise ValueError(f"threads={self.threads}: must be >= 1, or None")
+        if self.quick and self.full:
+            raise ValueError("quick=True: cannot be combined with --full")
+
+    def plan(self):
+        """[(batch size, new tokens)] to run."""
+        if self.batch_sizes or self.new_tokens:
+            return [(b, n) for b in (self.batch_sizes or (1,)) for n in (self.new_tokens or (128,))]
+        return list(QUICK_PLAN if self.quick else FULL_PLAN if self.full else DEFAULT_PLAN)
+
+
+def effective(s):
+    """--quick's reductions applied."""
+    if s.quick:
+        return replace(s, repeats=1, cold_starts=min(s.cold_starts, 1),
+                       systems=tuple(x for x in s.systems if x != "nocache"))
+    return s
+
+
+# ---------------------------------------------------------------------------------------------
+# The checkpoint
+
+def random_gpt2_dir(cache_dir):
+    """A random GPT-2 124M written by transformers' save_pretrained, made once and reused."""
+    directory = Path(cache_dir or Path(tempfile.gettempdir()) / "nanosample-bench") / "gpt2-124M-random"
+    if not (directory / "model.safetensors").is_file():
+        import torch
+        from transformers import GPT2Config, GPT2LMHeadModel
+        print(f"writing a random GPT-2 124M to {directory} (once) ...", flush=True)
+        torch.manual_seed(0)
+        tmp = directory.with_name(f"{directory.name}.tmp{os.getpid()}")
+        GPT2LMHeadModel(GPT2Config()).save_pretrained(tmp)
+        os.replace(tmp, directory)  # whole or not at all, should two runs race
+    return directory
+
+
+def is_hf_dir(path):
+    config = Path(path) / "config.json"
+    if not config.is_file():
+        return False
+    return json.loads(config.read_text()).get("model_type") == "gpt2"
+
+
+# ---------------------------------------------------------------------------------------------
+# One timed run of each system
+
+@dataclass
+class Run:
+    prefill_s: float    # from the call to the first token of every sample
+    decode_s: float     # the remaining new_tokens - 1 steps
+    sampler_s: float = math.nan  # time inside sampling.sample_step (ours only)
+    sampler_calls: int = 0
+
+
+class _TimedSampler:
+    """Wraps generate.sample_step to add up the time spent choosing tokens."""
+
+    def __init__(self, sample_step):
+        self.sample_step = sample_step
+        self.seconds = 0.0
+        self.calls = 0
+
+    def __call__(self, *args, **kwargs):
+        t = time.perf_counter()
+        result = self.sample_step(*args, **kwargs)
+        self.seconds += time.perf_counter() - t
+        self.calls += 1
+        return result
+
+
+def run_ours(model, tokenizer, prompt, sampler, batch, new_tokens, seed):
+    import generate as generate_module
+    from sampling import SamplingParams
+
+    params = SamplingParams(**SAMPLERS[sampler][0])
+    timed = _TimedSampler(generate_module.sample_step)
+    generate_module.sample_step = timed
+    try:
+        t0 = time.perf_counter()
+        first, count = None, 0
+        for piece in generate_module.generate(model, tokenizer, prompt, params, num_samples=batch,
+                                              max_new_tokens=new_tokens, seed=seed,
+                                              stop_at_eot=False):
+            if first is None:
+                first = time.perf_counter()
+            count += piece.token is not None
+        end = time.perf_counter()
+    finally:
+        generate_module.sample_step = timed.sample_step
+    assert count == batch * new_tokens, (count, batch, new_tokens)
+    return Run(first - t0, end - first, timed.seconds, timed.calls)
+
+
+class _StepTimes:
+    """A transformers streamer that only notes when each step's tokens arrive."""
+
+    def __init__(self):
+        self.times = []
+
+    def put(self, value):
+        self.times.append(time.perf_counter())
+
+    def end(self):
+        pass
+
+
+def run_hf(hf_model, prompt, sampler, batch, new_tokens, seed):
+    import torch
+
+    torch.manual_seed(seed)
+    ids = torch.tensor([prompt])
+    streamer = _StepTimes()
+    t0 = time.perf_counter()
+    out = hf_model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=True,
+                            num_return_sequences=batch, max_new_tokens=new_tokens,
+                            min_new_tokens=new_tokens, pad_token_id=50256, use_cache=True,
+                            streamer=streamer, **SAMPLERS[sampler][1])
+    end = time.perf_counter()
+    assert out.shape == (batch, len(prompt) + new_tokens), out.shape
+    # put() is called once with the prompt, then once per generated token
+    assert len(streamer.times) == new_tokens + 1, len(streamer.times)
+    return Run(streamer.times[1] - t0, end - streamer.times[1])
+
+
+def run_nocache(model, tokenizer, prompt, sampler, batch, new_tokens, seed):
+    """nanoGPT's generate: no KV cache, the whole (cropped) sequence through the model every
+    step, the last position's logits sampled (with our sampler, so only the cache differs)."""
+    import torch
+    from generate import sample_generator
+    from sampling import BatchParams, SamplingParams, sample_step
+
+    params = BatchParams([SamplingParams(**SAMPLERS[sampler][0])] * batch, model.config.vocab_size)
+    generators = [sample_generator(seed, i) for i in range(batch)]
+    block_size = model.config.block_size
+    idx = torch.tensor([prompt] * batch)                                  # (B, T)
+    t0 = time.perf_counter()
+    first = None
+    with torch.no_grad():
+        for _ in range(new_tokens):
+            context = idx if idx.shape[1] <= block_size else idx[:, -block_size:]
+            logits = model(context, last_only=True)[:, -1]                # (B, V)
+            tokens = sample_step(logits, params, generators, tokenizer.n_vocab).tokens
+            idx = torch.cat([idx, tokens[:, None]], dim=1)
+            if first is None:
+                first = time.perf_counter()
+    return Run(first - t0, time.perf_counter() - first)
+
+
+# ---------------------------------------------------------------------------------------------
+# Cold start and peak memory: one fresh process per measurement
+
+def cold_child(which, directory, threads, new_tokens):
+    """Runs in a fresh interpreter: import, tokenizer, load, generate; prints one JSON line."""
+    import torch
+    if threads:
+        torch.set_num_threads(threads)
+    if which == "ours":
+        from generate import generate
+        from loader import load_model
+        from sampling import SamplingParams
+        loaded = load_model(directory)
+        prompt = loaded.tokenizer.encode(COLD_PROMPT)
+        params = SamplingParams(**SAMPLERS["top_k"][0])
+        pieces = generate(loaded.model, loaded.tokenizer, prompt, params,
+                          max_new_tokens=new_tokens, stop_at_eot=False)
+        next(pieces)
+        first = time.monotonic()
+        for _ in pieces:
+            pass
+    else:
+        from transformers import GPT2LMHeadModel, GPT2TokenizerFast
+        bpe = ROOT / "assets" / "gpt2-bpe"
+        tokenizer = GPT2TokenizerFast(vocab=str(bpe / "encoder.json"),  # the same BPE files
+                                      merges=str(bpe / "vocab.bpe"))
+        model = GPT2LMHeadModel.from_pretrained(directory).eval()
+        ids = torch.tensor([tokenizer.encode(COLD_PROMPT)])
+        prompt = ids[0].tolist()
+        streamer = _StepTimes()
+        torch.manual_seed(0)
+        model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=True,
+                       max_new_tokens=new_tokens, min_new_tokens=new_tokens, pad_token_id=50256,
+                       use_cache=True, streamer=streamer, **SAMPLERS["top_k"][1])
+        first = streamer.times[1] - time.perf_counter() + time.monotonic()
+    print(json.dumps({"first_token_monotonic": first, "peak_rss_mb": peak_rss_mb(),
+                      "prompt_tokens": len(prompt)}))
+
+
+def peak_rss_mb():
+    """This process's RSS high-water mark. Read from /proc (VmHWM, reset by exec): ru_maxrss
+    would also count the parent's RSS, which a forked child starts out sharing."""
+    with contextlib.suppress(OSError):
+        for line in open("/proc/self/status"):
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+
+
+def cold_start(which, directory, threads, new_tokens=128):
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "TRANSFORMERS_VERBOSITY": "error",
+           "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    args = [sys.executable, str(Path(__file__).resolve()), "--child", which, str(directory),
+            str(threads or 0), str(new_tokens)]
+    launched = time.monotonic()
+    out = subprocess.run(args, env=env, capture_output=True, text=True, cwd=ROOT)
+    if out.returncode != 0:
+        raise RuntimeError(f"cold start of {which} failed:\n{out.stderr[-2000:]}")
+    report = json.loads(out.stdout.strip().splitlines()[-1])
+    return {"first_token_s": report["first_token_monotonic"] - launched,
+            "peak_rss_mb": report["peak_rss_mb"], "prompt_tokens": report["prompt_tokens"]}
+
+
+# ---------------------------------------------------------------------------------------------
+# The machine
+
+def read_bandwidth_gbs(threads):
+    """GB/s of a sum over 512 MiB of float32 (larger than any cache), median of 5."""
+    import torch
+    data = torch.ones(128 * 2**20)
+    data.sum()
+    times = []
+    for _ in range(5):
+        t = time.perf_counter()
+        data.sum()
+        times.append(time.perf_counter() - t)
+    return data.numel() * data.element_size() / statistics.median(times) / 1e9
+
+
+def weight_bytes_per_step(model):
+    """Bytes of parameters a decode step reads: all of them once (the tied wte/lm_head once),
+    except the position table, of which one row is read."""
+    params = {id(p): p for p in model.parameters()}
+    total = sum(p.numel() * p.element_size() for p in params.values())
+    wpe = model.transformer.wpe.weight
+    return total - wpe.numel() * wpe.element_size()
+
+
+def machine_line(threads):
+    import torch
+    cpu = "unknown CPU"
+    with contextlib.suppress(OSError):
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    import transformers
+    return (f"{cpu}, {os.cpu_count()} cores, torch {torch.__version__} ({threads} threads), "
+            f"transformers {transformers.__version__}, Python {sys.version.split()[0]}")
+
+
+# ---------------------------------------------------------------------------------------------
+# The run
+
+def median(xs):
+    xs = [x for x in xs if not math.isnan(x)]
+    return statistics.median(xs) if xs else math.nan
+
+
+def summarize(runs, batch, new_tokens):
+    """Medians of a list of Run: tokens/s overall and in decode, ms per decode step."""
+    total = [r.prefill_s + r.decode_s for r in runs]
+    steps = max(new_tokens - 1, 1)
+    out = {
+        "repeats": len(runs),
+        "prefill_ms": 1e3 * median([r.prefill_s for r in runs]),
+        "decode_ms_per_step": 1e3 * median([r.decode_s / steps for r in runs]),
+        "tokens_per_s": median([batch * new_tokens / t for t in total]),
+        "decode_tokens_per_s": median([batch * steps / r.decode_s for r in runs]),
+    }
+    if runs and runs[0].sampler_calls:
+        out["sampler_ms_per_step"] = 1e3 * median([r.sampler_s / r.sampler_calls for r in runs])
+        out["sampler_share"] = out["sampler_ms_per_step"] / out["decode_ms_per_step"]
+    return out
+
+
+def main(argv=None):
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["--child"]:
+        which, directory, threads, new_tokens = argv[1:5]
+        cold_child(which, directory, int(threads), int(new_tokens))
+        return 0
+    try:
+        s = effective(parse_settings(BenchSettings, argv, prog="bench.py",
+                                     description=HELP))
+    except HelpRequested as h:
+        print(h.text)
+        return 0
+    except SettingsError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+    import torch
+    import transformers
+    transformers.logging.set_verbosity_error()
+    from loader import load_model
+    if s.threads:
+        torch.set_num_threads(s.threads)
+    threads = torch.get_num_threads()
+    t_start = time.perf_counter()
+
+    directory = Path(s.init_from) if s.init_from else random_gpt2_dir(s.cache_dir)
+    loaded = load_model(str(directory))
+    model, tokenizer = loaded.model, loaded.tokenizer
+    hf_model = None
+    systems = list(s.systems)
+    if "hf" in systems:
+        if is_hf_dir(directory):
+            hf_model = transformers.GPT2LMHeadModel.from_pretrained(directory).eval()
+        else:
+            print(f"note: {directory} is not a Hugging Face GPT-2 folder; transformers skipped")
+            systems.remove("hf")
+    prompt = [(7 * i + 464) % tokenizer.n_vocab for i in range(s.prompt_tokens)]
+    if s.prompt_tokens + max(n for _, n in s.plan()) > model.config.block_size:
+        print("note: prompt + new tokens exceed block_size; ours re-prefills past it, "
+              "transformers cannot generate past it")
+
+    print(f"machine: {machine_line(threads)}")
+    print(f"load average at start: {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
+    print(f"model: {loaded.source}, {model.num_params() / 1e6:.1f}M parameters")
+    bandwidth = read_bandwidth_gbs(threads)
+    step_bytes = weight_bytes_per_step(model)
+    bound = bandwidth * 1e9 / step_bytes
+    print(f"read bandwidth: {bandwidth:.1f} GB/s (sum over 512 MiB); a decode step reads "
+          f"{step_bytes / 1e6:.1f} MB of weights, so batch 1 can do at most {bound:.0f} tokens/s")
+
+    def run_once(system, batch, sampler, new_tokens):
+        with torch.no_grad():
+            if system == "ours":
+                return run_ours(model, tokenizer, prompt, sampler, batch, new_tokens, s.seed)
+            if system == "hf":
+                return run_hf(hf_model, prompt, sampler, batch, new_tokens, s.seed)
+            return run_nocache(model, tokenizer, prompt, sampler, batch, new_tokens, s.seed)
+
+    # Warm-up: every system once per batch size (allocator, thread pools, lazy imports).
+    for batch in sorted({b for b, _ in s.plan()}):
+        for system in systems:
+            run_once(system, batch, s.samplers[0], 4)
+
+    results = []
+    for batch, new_tokens in s.plan():
+        for sampler in s.samplers:
+            here = [x for x in systems
+                    if x != "nocache" or batch * new_tokens <= s.nocache_max_tokens]
+            runs = {x: [] for x in here}
+            started = time.perf_counter()
+            for rep in range(s.repeats):
+                order = here[rep % len(here):] + here[:rep % len(here)]  # rotate who goes first
+                for system in order:
+                    if system == "nocache" and runs[system]:
+                        continue  # the floor: one run is plenty, and it is slow
+                    runs[system].append(run_once(system, batch, sampler, new_tokens))
+                spent = time.perf_counter() - started
+                if spent * (rep + 2) / (rep + 1) > s.seconds_per_setting:
+                    break  # another repeat would end past this setting's time
+            row = {"batch": batch, "sampler": sampler, "new_tokens": new_tokens,
+                   "systems": {x: summarize(r, batch, new_tokens) for x, r in runs.items()}}
+            if "hf" in row["systems"]:
+                hf = row["systems"]["hf"]
+                for x, m in row["systems"].items():
+                    m["vs_hf"] = m["tokens_per_s"] / hf["tokens_per_s"]
+                    m["decode_vs_hf"] = m["decode_tokens_per_s"] / hf["decode_tokens_per_s"]
+            results.append(row)
+            print_setting(row)
+
+    cold = {}
+    if s.cold_starts:
+        for x in [x for x in ("ours", "hf") if x in systems]:
+            cold[x] = []
+        for _ in range(s.cold_starts):
+            for x in cold:
+                cold[x].append(cold_start(x, directory, s.threads))
+        cold = {x: {"first_token_s": median([c["first_token_s"] for c in cs]),
+                    "peak_rss_mb": max(c["peak_rss_mb"] for c in cs),
+                    "runs": len(cs)} for x, cs in cold.items()}
+
+    report = {
+        "bench": "generate", "machine": machine_line(threads),
+        "load_average_start_end": [os.getloadavg()], "threads": threads,
+        "model": loaded.source, "dtype": str(next(model.parameters()).dtype).replace("torch.", ""),
+        "bandwidth_gbs": bandwidth, "weight_mb_per_step": step_bytes / 1e6,
+        "batch1_bound_tokens_per_s": bound, "prompt_tokens": s.prompt_tokens,
+        "settings": {k: v for k, v in asdict(s).items()}, "results": results, "cold": cold,
+    }
+    report["load_average_start_end"].append(os.getloadavg())
+    report["targets"] = check_targets(results, cold)
+    report["seconds"] = time.perf_counter() - t_start
+    print_summary(report)
+    print(json.dumps(report, default=_json_default))
+    return 0
+
+
+def _json_default(x):
+    if isinstance(x, float) and math.isnan(x):
+        return None
+    return str(x)
+
+
+# ---------------------------------------------------------------------------------------------
+# Printing and the targets of issue 5
+
+def print_setting(row):
+    print(f"\nbatch {row['batch']}, {row['sampler']} ({describe(row['sampler'])}), "
+          f"{row['new_tokens']} new tokens")
+    header = (f"  {'system':<18} {'tokens/s':>9} {'vs hf':>6} {'decode tok/s':>13} {'vs hf':>6} "
+              f"{'ms/step':>8} {'prefill ms':>11} {'sampler':>8} {'runs':>5}")
+    print(header)
+    for x, m in row["systems"].items():
+        share = f"{100 * m['sampler_share']:.1f}%" if "sampler_share" in m else ""
+        print(f"  {SYSTEM_NAMES[x]:<18} {m['tokens_per_s']:>9.1f} {_ratio(m, 'vs_hf'):>6} "
+              f"{m['decode_tokens_per_s']:>13.1f} {_ratio(m, 'decode_vs_hf'):>6} "
+              f"{m['decode_ms_per_step']:>8.2f} {m['prefill_ms']:>11.1f} {share:>8} "
+              f"{m['repeats']:>5}", flush=True)
+
+
+def describe(sampler):
+    ours = SAMPLERS[sampler][0]
+    return ", ".join(f"{k} {v}" for k, v in ours.items())
+
+
+def _ratio(m, key):
+    return f"{m[key]:.2f}x" if key in m else "-"
+
+
+def check_targets(results, cold):
+    """Issue 5's targets, each {"target", "value", "met"} (value None where not measured)."""
+    targets = []
+
+    def add(name, value, goal, better="higher"):
+        met = None if value is None else (value >= goal if better == "higher" else value <= goal)
+        targets.append({"target": name, "value": value, "goal": goal, "met": met})
+
+    def find(batch, sampler, new_tokens):
+        return next((r for r in results if (r["batch"], r["sampler"], r["new_tokens"])
+                     == (batch, sampler, new_tokens)), None)
+
+    for batch in (1, 8):
+        for sampler, goal in (("top_k", 2.0), ("top_p", 2.5)):
+            rows = [r for r in results if r["batch"] == batch and r["sampler"] == sampler
+                    and "hf" in r["systems"]]
+            for r in rows:
+                add(f"tokens/s vs transformers, batch {batch}, {sampler}, {r['new_tokens']} tokens",
+                    r["systems"]["ours"].get("vs_hf"), goal)
+    for r in results:
+        ours = r["systems"].get("ours", {})
+        if "sampler_share" in ours:
+            add(f"sampler share of a decode step, batch {r['batch']}, {r['sampler']}, "
+                f"{r['new_tokens']} tokens", ours["sampler_share"], 0.05, "lower")
+    for r in results:
+        if r["new_tokens"] == 512 and "ours" in r["systems"]:
+            short = find(r["batch"], r["sampler"], 128)
+            if short and "ours" in short["systems"]:
+                add(f"512- vs 128-token tokens/s, batch {r['batch']}, {r['sampler']}",
+                    r["systems"]["ours"]["tokens_per_s"] / short["systems"]["ours"]["tokens_per_s"],
+                    0.95)
+    if "ours" in cold and "hf" in cold:
+        add("cold start to first token vs transformers",
+            cold["ours"]["first_token_s"] / cold["hf"]["first_token_s"], 0.5, "lower")
+        add("peak memory vs transformers", cold["ours"]["peak_rss_mb"] / cold["hf"]["peak_rss_mb"],
+            1.0, "lower")
+    return targets
+
+
+def print_summary(report):
+    cold = report["cold"]
+    if cold:
+        print("\ncold start (fresh process: imports, tokenizer, load, prefill, first token) and "
+              "peak RSS, batch 1, 128 tokens, top_k")
+        for x, c in cold.items():
+            print(f"  {SYSTEM_NAMES[x]:<18} first token {c['first_token_s']:6.2f} s   "
+                  f"peak RSS {c['peak_rss_mb']:7.0f} MiB   ({c['runs']} runs)")
+    print("\nissue 5's targets")
+    for t in report["targets"]:
+        mark = {True: "met", False: "NOT met", None: "not measured"}[t["met"]]
+        value = "-" if t["value"] is None else f"{t['value']:.3f}"
+        op = ">=" if t["target"].startswith(("tokens", "512")) else "<="
+        print(f"  {t['target']:<62} {value:>7} (goal {op} {t['goal']})  {mark}")
+    la = report["load_average_start_end"]
+    print(f"\nload average: start {la[0][0]:.2f}, end {la[1][0]:.2f} (1 min); "
+          f"{report['seconds'] / 60:.1f} minutes")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
