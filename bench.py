@@ -451,16 +451,19 @@ def main(argv=None):
                 return run_hf(hf_model, prompt, sampler, batch, new_tokens, s.seed)
             return run_nocache(model, tokenizer, prompt, sampler, batch, new_tokens, s.seed)
 
+    def runs_here(system, batch, new_tokens):
+        return system != "nocache" or batch * new_tokens <= s.nocache_max_tokens
+
     # Warm-up: every system once per batch size (allocator, thread pools, lazy imports).
     for batch in sorted({b for b, _ in s.plan()}):
         for system in systems:
-            run_once(system, batch, s.samplers[0], 4)
+            if any(runs_here(system, b, n) for b, n in s.plan() if b == batch):
+                run_once(system, batch, s.samplers[0], 4)
 
     results = []
     for batch, new_tokens in s.plan():
         for sampler in s.samplers:
-            here = [x for x in systems
-                    if x != "nocache" or batch * new_tokens <= s.nocache_max_tokens]
+            here = [x for x in systems if runs_here(x, batch, new_tokens)]
             runs = {x: [] for x in here}
             started = time.perf_counter()
             for rep in range(s.repeats):
