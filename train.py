@@ -209,7 +209,7 @@ def estimate_loss(model, ids, batches, batch_size, block_size, seed, autocast="n
 
 
 def train(s, log=print):
-    """Train per `s`, write the checkpoint to s.out_dir, return its "training" record."""
+    """Train per `s` and write the checkpoint to s.out_dir; returns (model, its "training" record)."""
     import loader
     from tokenizer import CharTokenizer
 
@@ -308,7 +308,7 @@ def train(s, log=print):
     }
     loader.save_native(model, tokenizer, s.out_dir, record)
     log(f"saved {s.out_dir}")
-    return record
+    return model, record
 
 
 DESCRIPTION = ("Train the character-level model that sample.py loads by default (tiny "
