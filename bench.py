@@ -22,7 +22,7 @@ a cache folder under the system's temp dir and reused; --init_from loads any che
 can (transformers is then given the same weights when the folder is in its format).
 
     .venv/bin/python bench.py            # ~10-15 min on 2 cores: batch 1, 8 and 64, both samplers
-    .venv/bin/python bench.py --quick    # ~2 min: batch 1, 128 tokens, one repeat
+    .venv/bin/python bench.py --quick    # ~1 min: batch 1, 128 tokens, one repeat
     .venv/bin/python bench.py --full     # issue 5's whole matrix: long (an hour or more)
 
 The last line printed is one JSON object with every number.
@@ -61,7 +61,7 @@ COLD_PROMPT = "The quick brown fox jumps over the lazy dog, and then it runs far
 HELP = ("Speed benchmark: our generate vs transformers' generate (same weights, same settings) "
         "vs a no-cache loop. The default run (batch 1 x 128 and 512 tokens, batch 8 and 64 x 128 "
         "tokens, top_k and top_p, 3 repeats, 3 cold starts) takes ~10-15 minutes on 2 cores; "
-        "--quick ~2 minutes; --full (issue 5's whole matrix) an hour or more. The last line is "
+        "--quick ~1 minute; --full (issue 5's whole matrix) an hour or more. The last line is "
         "one JSON object.")
 
 
@@ -74,7 +74,7 @@ class BenchSettings:
         "shape with random weights, written by transformers into --cache_dir and reused")
     cache_dir: str | None = setting(None, "where the random checkpoint is kept; None = "
                                           "<temp dir>/nanosample-bench")
-    quick: bool = setting(False, "a ~2-minute run: batch 1, 128 tokens, both samplers, one "
+    quick: bool = setting(False, "a ~1-minute run: batch 1, 128 tokens, both samplers, one "
                                  "repeat, no no-cache floor, one cold start each")
     full: bool = setting(False, "issue 5's whole matrix: batch 1, 8, 64 x 128 and 512 tokens "
                                 "(long: an hour or more on 2 cores)")
@@ -435,7 +435,8 @@ def main(argv=None):
               "transformers cannot generate past it")
 
     print(f"machine: {machine_line(threads)}")
-    print(f"load average at start: {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
+    load_at_start = os.getloadavg()
+    print(f"load average at start: {' '.join(f'{x:.2f}' for x in load_at_start)}")
     print(f"model: {loaded.source}, {model.num_params() / 1e6:.1f}M parameters")
     bandwidth = read_bandwidth_gbs(threads)
     step_bytes = weight_bytes_per_step(model)
@@ -498,13 +499,12 @@ def main(argv=None):
 
     report = {
         "bench": "generate", "machine": machine_line(threads),
-        "load_average_start_end": [os.getloadavg()], "threads": threads,
+        "load_average_start_end": [load_at_start, os.getloadavg()], "threads": threads,
         "model": loaded.source, "dtype": str(next(model.parameters()).dtype).replace("torch.", ""),
         "bandwidth_gbs": bandwidth, "weight_mb_per_step": step_bytes / 1e6,
         "batch1_bound_tokens_per_s": bound, "prompt_tokens": s.prompt_tokens,
         "settings": {k: v for k, v in asdict(s).items()}, "results": results, "cold": cold,
     }
-    report["load_average_start_end"].append(os.getloadavg())
     report["targets"] = check_targets(results, cold)
     report["seconds"] = time.perf_counter() - t_start
     print_summary(report)
