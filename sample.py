@@ -262,7 +262,9 @@ def run(settings, model, tokenizer, prompt, prompt_ids, params, trace):
     from tqdm import tqdm
 
     n, max_new = settings.num_samples, settings.max_new_tokens
-    stream = n == 1 if settings.stream is None else settings.stream
+    # The --explain tables go to stderr step by step; streamed text on the same terminal
+    # would be cut into them, so explain mode prints each sample whole by default.
+    stream = (n == 1 and not settings.explain) if settings.stream is None else settings.stream
     printer = SamplePrinter(sys.stdout, prompt, n, stream)
     # The bar is for batch runs (streamed text is its own progress); tqdm hides it when
     # stderr is not a terminal (disable=None).

@@ -405,7 +405,8 @@ class SampleSettings:
     batch_size: int | None = setting(None, "at most this many samples per forward batch (memory "
                                            "cap); None = all samples in one batch")
     stream: bool | None = setting(None, "print tokens as they are generated; None = stream when "
-                                        "there is one sample, else a progress bar on stderr")
+                                        "there is one sample and no --explain, else a progress "
+                                        "bar on stderr")
     # hardware (nanoGPT)
     device: str = setting("auto", "cpu, cuda, cuda:N or mps; auto = cuda if available, else mps, "
                                   "else cpu")
