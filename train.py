@@ -57,8 +57,8 @@ class TrainSettings:
     warmup_iters: int = setting(100, "steps of linear warm-up from 0")
     weight_decay: float = setting(1.0, "AdamW's decoupled weight decay on matrices and "
                                        "embeddings (never gains). model.py has no dropout, so "
-                                       "this is the regulariser: at 0.1 the model overfits "
-                                       "after ~1600 steps")
+                                       "this is the regulariser: at 0.1 the validation loss "
+                                       "bottoms out near 1.51 at ~1800 steps, then climbs")
     beta1: float = setting(0.9, "AdamW's beta1")
     beta2: float = setting(0.99, "AdamW's beta2 (0.99 as nanoGPT's shakespeare_char: few "
                                  "tokens per step)")
@@ -144,7 +144,7 @@ def read_corpus(settings):
 
 
 def split_corpus(ids, val_fraction, block_size):
-    """nanoGPT's split of the encoded corpus (N,): the first 90 % trains, the rest validates."""
+    """nanoGPT's split of the encoded corpus (N,): the last `val_fraction` of it validates."""
     n = int(len(ids) * (1 - val_fraction))
     train, val = ids[:n], ids[n:]
     for name, part in (("training", train), ("validation", val)):
