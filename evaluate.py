@@ -539,10 +539,10 @@ def format_table(rows):
     return "\n".join([line(header), rule] + [line(b) for b in body])
 
 
-def describe_run(settings, loaded, prompts, sweep, units):
+def describe_run(settings, prompts, sweep, units, val_fraction):
     where = settings.prompts or (settings.data or "tiny Shakespeare") + \
-        f" (held-out last {VAL_FRACTION:.0%})"
-    return (f"Model: {loaded.source}. Prompts: {len(prompts)} from {where}"
+        f" (held-out last {val_fraction:.0%})"
+    return (f"Model: {settings.init_from}. Prompts: {len(prompts)} from {where}"
             + ("" if settings.prompts else f", {settings.prompt_length} tokens each")
             + f". {settings.num_samples} samples per prompt and setting, {settings.max_new_tokens} "
             f"new tokens each, seed {settings.seed}. Perplexity: per token under the untempered "
@@ -602,6 +602,7 @@ def plot_sweep(path, rows, title):
     panels = (("distinct_2", "distinct-2 (more diverse →)", lambda v: v),
               ("self_bleu", "1 − Self-BLEU4 (more diverse →)", lambda v: 1 - v))
     for ax, (key, label, transform) in zip(axes, panels):
+        points = []
         for name, values in rows:
             x, y = transform(values[key]), values["perplexity"]
             if math.isnan(x) or math.isnan(y):
@@ -609,14 +610,40 @@ def plot_sweep(path, rows, title):
             human = name == HUMAN
             ax.scatter([x], [y], s=110 if human else 40, marker="*" if human else "o",
                        color="black" if human else "tab:blue", zorder=3)
-            ax.annotate(name, (x, y), textcoords="offset points", xytext=(5, 4), fontsize=8)
+            points.append((name, x, y))
+        ax.margins(0.08)
         ax.set_xlabel(label)
         ax.grid(alpha=0.3)
+        _label_points(ax, points)
     axes[0].set_ylabel("perplexity (untempered model)")
     fig.suptitle(title, fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
+
+
+def _label_points(ax, points, fontsize=8):
+    """Name each point, nudging labels up until they clear the ones below them (settings
+    such as top-k 40 and pure sampling often land on top of each other); a nudged label gets
+    a thin line to its point. Labels of points in the right half go on their left."""
+    ax.autoscale_view()
+    to_pixels = ax.transData.transform
+    x_min, x_max = ax.get_xlim()
+    line_height = fontsize * 1.3  # in points
+    points_per_pixel = 72 / ax.figure.dpi
+    placed = []  # (x in pixels, label height above the baseline in points) of placed labels
+    for name, x, y in sorted(points, key=lambda p: p[2]):
+        px, py = to_pixels((x, y))
+        left = x > (x_min + x_max) / 2
+        label_y = py * points_per_pixel + 3
+        for qx, qy in placed:
+            if abs(qx - px) * points_per_pixel < 90 and label_y < qy + line_height:
+                label_y = qy + line_height
+        placed.append((px, label_y))
+        dy = label_y - py * points_per_pixel
+        ax.annotate(name, (x, y), textcoords="offset points", xytext=(-6 if left else 6, dy),
+                    ha="right" if left else "left", va="bottom", fontsize=fontsize,
+                    arrowprops=dict(arrowstyle="-", lw=0.5, color="0.5") if dy > 4 else None)
 
 
 def check_out_dir(settings):
@@ -664,24 +691,19 @@ def main(argv=None):
         device, _ = resolve_device(settings.device, "float32")
         loaded = loader.load_model(settings.init_from, device=device)
         tokenizer = loaded.tokenizer
+        # the split the checkpoint was trained with, when it says (train.py records it)
+        val_fraction = loaded.info.get("training", {}).get("recipe", {}).get(
+            "val_fraction", VAL_FRACTION)
         if settings.prompts is not None:
             prompts = read_prompts_file(settings.prompts, tokenizer)
             check_prompt_lengths(prompts, loaded.model.config.block_size,
                                  f"--prompts={settings.prompts}")
         else:
             _check_settings_against_model(settings, loaded.model.config.block_size)
-            val_fraction = loaded.info.get("training", {}).get("recipe", {}).get(
-                "val_fraction", VAL_FRACTION)
             prompts = heldout_prompts(read_corpus(settings.data), tokenizer,
                                       settings.num_prompts, settings.prompt_length,
                                       settings.max_new_tokens, val_fraction,
                                       f"--data={settings.data}" if settings.data else "--data")
-        import sampling
-        for s in sweep:
-            try:
-                sampling.check_token_ids(s.params, tokenizer.n_vocab)
-            except ValueError as e:
-                raise SettingsError(f"{s.name}: {e}") from None
     except (SettingsError, loader.CheckpointError) as e:
         return report_error(e)
 
@@ -702,14 +724,15 @@ def main(argv=None):
         bar.close()
     seconds = time.perf_counter() - t0
 
-    report = f"{format_table(rows)}\n\n{describe_run(settings, loaded, prompts, sweep, units)}\n"
+    about = describe_run(settings, prompts, sweep, units, val_fraction)
+    report = f"{format_table(rows)}\n\n{about}\n"
     print(report, end="")
     os.makedirs(settings.out_dir, exist_ok=True)
     _write_new(paths["sweep.md"], report)
     write_csv(paths["sweep.csv"], rows)
     write_samples(paths["samples.jsonl"], prompts, generations)
     plot_sweep(paths["sweep.png"], rows,
-               f"{os.path.basename(loaded.source.split(' (')[0].rstrip('/'))}: "
+               f"{os.path.basename(settings.init_from.rstrip('/'))}: "
                f"{len(prompts)} prompts × {settings.num_samples} samples × "
                f"{settings.max_new_tokens} tokens; diversity on {units.split(' (')[0]}")
     print(f"swept {len(sweep)} settings in {seconds:.1f} s; wrote "
