@@ -12,24 +12,10 @@ import torch
 
 import explain
 import sampling
+from conftest import CHARS
 from generate import TraceStep, generate, sample_generator
-from model import GPT, GPTConfig
 from sampling import BatchParams, SamplingParams
 from tokenizer import CharTokenizer
-
-CHARS = list("abcdefghijklmnopqrstuvwxyz .,\n")
-
-
-@pytest.fixture(scope="module")
-def tokenizer():
-    return CharTokenizer(CHARS)
-
-
-@pytest.fixture(scope="module")
-def model():
-    torch.manual_seed(0)
-    # vocab 32 > 30 characters: the two padding ids must never be listed
-    return GPT(GPTConfig(block_size=24, vocab_size=32, n_layer=2, n_head=2, n_embd=32)).eval()
 
 
 def explain_logits(logits, seed=1, top=10, seen=None, counts=None, **settings):

@@ -4,24 +4,10 @@ lengths, and generation past the context against a plain loop without a cache.""
 import pytest
 import torch
 
+from conftest import CHARS
 from generate import TextStream, context_start, generate, sample_generator
-from model import GPT, GPTConfig
 from sampling import BatchParams, SamplingParams, sample_step
 from tokenizer import CharTokenizer, gpt2_tokenizer
-
-CHARS = list("abcdefghijklmnopqrstuvwxyz .,\n")
-
-
-@pytest.fixture(scope="module")
-def tokenizer():
-    return CharTokenizer(CHARS)
-
-
-@pytest.fixture(scope="module")
-def model():
-    torch.manual_seed(0)
-    # vocab 32 > 30 characters: the two padding ids must never come out
-    return GPT(GPTConfig(block_size=24, vocab_size=32, n_layer=2, n_head=2, n_embd=32)).eval()
 
 
 def run(model, tokenizer, prompt="the ", **kwargs):
