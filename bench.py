@@ -41,7 +41,7 @@ import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
-from settings import HelpRequested, SettingsError, parse_settings, setting
+from settings import parse_for_main, setting
 
 ROOT = Path(__file__).resolve().parent
 SAMPLERS = {  # name -> (our SamplingParams fields, transformers' generate kwargs)
@@ -400,15 +400,10 @@ def main(argv=None):
         which, directory, threads, new_tokens = argv[1:5]
         cold_child(which, directory, int(threads), int(new_tokens))
         return 0
-    try:
-        s = effective(parse_settings(BenchSettings, argv, prog="bench.py",
-                                     description=HELP))
-    except HelpRequested as h:
-        print(h.text)
-        return 0
-    except SettingsError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    parsed, code = parse_for_main(BenchSettings, argv, prog="bench.py", description=HELP)
+    if parsed is None:
+        return code
+    s = effective(parsed)
 
     import torch
     import transformers

@@ -42,6 +42,19 @@ class HelpRequested(Exception):
         self.text = text
 
 
+def parse_for_main(cls, argv, prog, description):
+    """`parse_settings` for a script's main(): returns (settings, None), or (None, exit code)
+    once `--help` is printed (0) or the one-line `error:` is (2)."""
+    try:
+        return parse_settings(cls, argv, prog=prog, description=description), None
+    except HelpRequested as h:
+        print(h.text)
+        return None, 0
+    except SettingsError as e:
+        print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
+        return None, 2
+
+
 def setting(default, help):
     """A dataclass field with its meaning attached; `--help` prints it."""
     return field(default=default, metadata={"help": help})

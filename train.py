@@ -24,7 +24,7 @@ import torch
 from torch.nn import functional as F
 
 from model import GPT, GPTConfig
-from settings import HelpRequested, SettingsError, parse_settings, setting
+from settings import parse_for_main, setting
 
 TINY_SHAKESPEARE_URL = "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt"
 TINY_SHAKESPEARE_SHA256 = "86c4e6aa9db7c042ec79f339dcb96d42b0075e16b8fc2e86bf0ca57e2dc565ed"
@@ -317,14 +317,9 @@ DESCRIPTION = ("Train the character-level model that sample.py loads by default 
 
 
 def main(argv=None):
-    try:
-        settings = parse_settings(TrainSettings, argv, prog="train.py", description=DESCRIPTION)
-    except HelpRequested as h:
-        print(h.text)
-        return 0
-    except SettingsError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    settings, code = parse_for_main(TrainSettings, argv, prog="train.py", description=DESCRIPTION)
+    if settings is None:
+        return code
     try:
         train(settings)
     except ValueError as e:  # the corpus: unreadable, not UTF-8, too short, not downloadable
