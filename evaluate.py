@@ -232,13 +232,19 @@ def read_corpus(path):
             path = str(train.download_tiny_shakespeare())
         except ValueError as e:
             raise SettingsError(f"--data: {e}") from None
+    return read_text_file(path, flag, "a text file")
+
+
+def read_text_file(path, flag, kind):
+    """A UTF-8 file's text; a user's mistake (missing, a directory, unreadable, not UTF-8) is
+    a SettingsError naming `flag`."""
     try:
         with open(path, encoding="utf-8") as f:
             return f.read()
     except FileNotFoundError:
         raise SettingsError(f"{flag}: no such file") from None
     except IsADirectoryError:
-        raise SettingsError(f"{flag}: is a directory, not a text file") from None
+        raise SettingsError(f"{flag}: is a directory, not {kind}") from None
     except OSError as e:
         raise SettingsError(f"{flag}: cannot read it ({e.strerror})") from None
     except UnicodeDecodeError:
@@ -288,17 +294,7 @@ def heldout_prompts(text, tokenizer, num_prompts, prompt_length, continuation_le
 def read_prompts_file(path, tokenizer):
     """Prompts of a --prompts file: one per line, or JSON Lines of {"prompt", "continuation"}."""
     flag = f"--prompts={path}"
-    try:
-        with open(path, encoding="utf-8") as f:
-            lines = f.read().removeprefix("\ufeff").splitlines()
-    except FileNotFoundError:
-        raise SettingsError(f"{flag}: no such file") from None
-    except IsADirectoryError:
-        raise SettingsError(f"{flag}: is a directory, not a prompts file") from None
-    except OSError as e:
-        raise SettingsError(f"{flag}: cannot read it ({e.strerror})") from None
-    except UnicodeDecodeError:
-        raise SettingsError(f"{flag}: not UTF-8 text") from None
+    lines = read_text_file(path, flag, "a prompts file").removeprefix("\ufeff").splitlines()
     lines = [(n, line) for n, line in enumerate(lines, 1) if line.strip()]
     jsonl = bool(lines) and lines[0][1].lstrip().startswith("{")
     prompts = []
