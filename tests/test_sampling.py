@@ -191,6 +191,66 @@ def test_flat_rows_fall_back_to_the_full_sort():
     assert cand.ids.shape[1] == 1000  # the batch was widened for the flat row
 
 
+@pytest.mark.parametrize("width", [4, 16, 32])
+def test_window_above_floor_equals_topk(width):
+    # `_window_above_floor` finds each row's window without topk; it must give the first
+    # `width` of a stable descending sort (ties by ascending id, even across the window's
+    # edge), on rows with ties and -inf, and defer (None) where it cannot help, e.g. a row of
+    # one value everywhere.
+    gen = torch.Generator().manual_seed(width)
+    logits = torch.randn(16, 5000, generator=gen) * torch.rand(16, 1, generator=gen) * 4
+    logits[4:8] = (logits[4:8] * 8).round() / 8                  # many exact ties
+    logits[8:10, ::3] = NEG_INF                                  # banned ids
+    logits[10, :4990] = NEG_INF                                  # ten finite logits only
+    values, ids = logits.sort(dim=-1, descending=True, stable=True)
+    expected = values[:, :width], ids[:, :width]
+    window = sampling._window_above_floor(logits[:10], width, {})
+    assert window is not None  # the route was taken for these rows
+    for got, want in zip(window, expected):
+        assert torch.equal(got, want[:10])
+    assert sampling._window_above_floor(logits, width, {}) is None  # row 10 has no floor
+    flat = torch.zeros(4, 5000)
+    assert sampling._window_above_floor(flat, width, {}) is None   # a crowd of ties
+    # topk's route (row 10 sends every row there) agrees up to which ties it took at the edge
+    got_values, got_ids = sampling._ranked_window(logits, width, {})
+    assert torch.equal(got_values, expected[0])
+    assert torch.equal(logits.gather(-1, got_ids), got_values)
+
+
+def test_zero_positions_equals_nonzero():
+    gen = torch.Generator().manual_seed(2)
+    x = (torch.rand(5, 1003, generator=gen) * 40).floor() - 20   # ~1 in 40 entries is 0
+    x[3] = 0.0                                                     # a row of zeros
+    rows, cols = sampling._zero_positions(x, {})
+    want_rows, want_cols = (x == 0).nonzero(as_tuple=True)
+    assert torch.equal(rows, want_rows) and torch.equal(cols, want_cols)
+
+
+def test_temperature_on_the_window_equals_tempering_first():
+    # sample_step applies temperature to each row's window only (and to rows the window
+    # cannot settle); the candidates must be what tempering the whole row first gives. Row 0
+    # holds two logits that differ before temperature 1.5 and tie after it, the larger at the
+    # higher id: after temperature the tie goes to the lower id.
+    gen = torch.Generator().manual_seed(8)
+    raw = torch.randn(8, 5000, generator=gen) * 3
+    raw[0] *= 0.1  # all below 1.5: ids 10 and 11 lead
+    raw[0, 10], raw[0, 11] = 1.750000238418579, 1.7500003576278687
+    assert (raw[0, 10] / 1.5 == raw[0, 11] / 1.5) and raw[0, 10] < raw[0, 11]
+    for settings in (dict(temperature=1.5, top_k=50), dict(temperature=1.5, top_k=3, top_p=0.8),
+                     dict(temperature=0.6, top_k=400, min_p=0.01)):
+        params = BatchParams([SamplingParams(**settings)] * 8, 5000)
+        seeds = [torch.Generator().manual_seed(s) for s in range(8)]
+        step = sample_step(raw, params, seeds, 5000)
+        cand = select_candidates(apply_temperature(raw, settings["temperature"]), params)
+        assert torch.equal(step.candidates.ids, cand.ids), settings
+        assert torch.equal(step.candidates.logits, cand.logits), settings
+        assert torch.equal(step.candidates.kept, cand.kept), settings
+        expected_tokens = cand.ids.gather(-1, inverse_cdf(cand, step.u)[:, None])[:, 0]
+        assert torch.equal(step.tokens, expected_tokens), settings
+        if settings["temperature"] == 1.5:
+            assert step.candidates.ids[0, :2].tolist() == [10, 11]  # the new tie, by id
+
+
 def reference_draw(tempered, u, top_k=0, top_p=1.0, min_p=0.0):
     """SAMPLING.md step 10 the slow way, one row: sort everything, accumulate, take the first
     token whose cumulative probability exceeds u."""
