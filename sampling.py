@@ -21,6 +21,7 @@ import math
 from dataclasses import dataclass, fields
 
 import torch
+from torch.nn.utils.rnn import pad_sequence
 
 NEG_INF = float("-inf")
 LOG2_E = 1 / math.log(2)
@@ -315,12 +316,13 @@ def _window_above_floor(logits, width, scratch):
     count = torch.bincount(rows, minlength=B)                            # (B,) >= width each
     if int(count.max()) > 8 * width:
         return None  # a crowd of ties at the floor: topk is cheaper
-    values, ids = _pack_rows(rows, count, [logits[rows, ids], ids], [NEG_INF, 0])  # (B, C)
+    values, ids = _pack_rows(count, [logits[rows, ids], ids], [NEG_INF, 0])  # (B, C)
     values, order = values.sort(dim=-1, descending=True, stable=True)     # ids ascend within ties
     return values[:, :width], ids.gather(-1, order[:, :width])
 
 
 WORD_OF_ONES = 0x0101010101010101  # an int64 with the value 1 in each of its 8 bytes
+SMALL = 1 << 18  # below this many elements, plain torch ops (fewer of them) are faster
 
 
 def _zero_positions(x, scratch):
@@ -333,6 +335,8 @@ def _zero_positions(x, scratch):
     then over the bytes of the few words that hold a zero of x.
     """
     R, V = x.shape
+    if R * V < SMALL:
+        return (x == 0).nonzero(as_tuple=True)  # fewer operations, for a small x
     flags = _scratch(scratch, "flags", (R, -(-V // 8) * 8), torch.bool, x.device)  # (R, V8)
     flags[:, :V].copy_(x)                                                 # True where x != 0
     flags[:, V:] = True                                                   # padding: no zeros
@@ -342,28 +346,24 @@ def _zero_positions(x, scratch):
     return rows[hit], word[hit] * 8 + byte
 
 
-def _pack_rows(rows, count, columns, fills):
-    """Entries listed row by row (`rows` ascending, `count` (R,) per row) as (R, C) tables,
-    one per tensor of `columns`, padded with `fills` to C = the largest count."""
-    R = count.shape[0]
-    C = max(int(count.max()), 1)
-    slot = torch.arange(rows.numel(), device=rows.device) - (count.cumsum(0) - count)[rows]
-    tables = []
-    for column, fill in zip(columns, fills):
-        table = torch.full((R, C), fill, dtype=column.dtype, device=column.device)
-        table[rows, slot] = column
-        tables.append(table)
-    return tables
+def _pack_rows(count, columns, fills):
+    """Entries listed row by row (`count` (R,) of them in each row) as (R, C) tables, one per
+    tensor of `columns`, padded with `fills` to C = the largest count (at least 1)."""
+    sizes = count.tolist()
+    if max(sizes) == 0:
+        return [torch.full((len(sizes), 1), fill, dtype=column.dtype, device=column.device)
+                for column, fill in zip(columns, fills)]
+    return [pad_sequence(column.split(sizes), batch_first=True, padding_value=fill)
+            for column, fill in zip(columns, fills)]
 
 
 def _scratch(scratch, name, shape, dtype, device):
     """A work tensor kept in `scratch` (a dict) and reused from step to step: at batch 8-64,
     fresh memory of vocabulary size costs page faults worth more than the work done in it."""
-    buffer = scratch.get(name)
-    if (buffer is None or buffer.shape[0] < shape[0] or buffer.shape[1:] != shape[1:]
-            or buffer.dtype != dtype or buffer.device != device):
-        buffer = scratch[name] = torch.empty(shape, dtype=dtype, device=device)
-    return buffer[:shape[0]]
+    key = (name, tuple(shape), dtype, device)
+    if key not in scratch:
+        scratch[key] = torch.empty(shape, dtype=dtype, device=device)
+    return scratch[key]
 
 
 def _filter_window(values, params):
@@ -600,7 +600,7 @@ class _Buckets:
                                out=self._buffer("off_bucket", weights.shape, torch.float32))
         row, col = _zero_positions(off_bucket, self.scratch)              # ids ascend within a row
         count = torch.bincount(row, minlength=R)                          # (R,)
-        ids, values, w = _pack_rows(row, count, [col, self.logits[row, col], weights[row, col]],
+        ids, values, w = _pack_rows(count, [col, self.logits[row, col], weights[row, col]],
                                     [0, NEG_INF, 0.0])                    # (R, C)
         values, order = values.sort(dim=-1, descending=True, stable=True)  # ties keep id order
         return _Table(bucket, before, ids.gather(-1, order), values, w.gather(-1, order),

@@ -217,10 +217,12 @@ def test_window_above_floor_equals_topk(width):
     assert torch.equal(logits.gather(-1, got_ids), got_values)
 
 
-def test_zero_positions_equals_nonzero():
+@pytest.mark.parametrize("shape", [(5, 1003), (7, 50001)])  # the plain way; 8 flags at a time
+def test_zero_positions_equals_nonzero(shape):
     gen = torch.Generator().manual_seed(2)
-    x = (torch.rand(5, 1003, generator=gen) * 40).floor() - 20   # ~1 in 40 entries is 0
+    x = (torch.rand(*shape, generator=gen) * 40).floor() - 20     # ~1 in 40 entries is 0
     x[3] = 0.0                                                     # a row of zeros
+    x[4] = 1.0                                                     # a row without
     rows, cols = sampling._zero_positions(x, {})
     want_rows, want_cols = (x == 0).nonzero(as_tuple=True)
     assert torch.equal(rows, want_rows) and torch.equal(cols, want_cols)
