@@ -25,6 +25,20 @@ def test_gpt2_known_ids(gpt2):
     assert (gpt2.name, gpt2.n_vocab, gpt2.eot_id) == ("gpt2", 50257, 50256)
 
 
+def test_gpt2_ranks_equal_tiktokens_builder_from_the_merges():
+    # We rank tokens by their encoder.json id; tiktoken's own builder ranks them by the merges
+    # in vocab.bpe (and checks encoder.json against them). Both must give the same 50256 ranks.
+    from tiktoken.load import data_gym_to_mergeable_bpe_ranks
+
+    from tokenizer import gpt2_mergeable_ranks
+    ours = gpt2_mergeable_ranks((GPT2_BPE_DIR / "encoder.json").read_bytes())
+    theirs = data_gym_to_mergeable_bpe_ranks(str(GPT2_BPE_DIR / "vocab.bpe"),
+                                             str(GPT2_BPE_DIR / "encoder.json"))
+    assert len(ours) == 50256
+    assert ours == theirs
+    assert ours[b" the"] == 262 and ours[b" "] == 220  # a space is spelled "\u0120", chr(256 + 32)
+
+
 def test_gpt2_endoftext_text_is_the_special_token(gpt2):
     # as nanoGPT's sample.py: a prompt may hold a document boundary
     assert gpt2.encode("a<|endoftext|>b") == [64, 50256, 65]
