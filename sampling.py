@@ -21,7 +21,6 @@ import math
 from dataclasses import dataclass, fields
 
 import torch
-from torch.nn.utils.rnn import pad_sequence
 
 NEG_INF = float("-inf")
 LOG2_E = 1 / math.log(2)
@@ -316,7 +315,7 @@ def _window_above_floor(logits, width, scratch):
     count = torch.bincount(rows, minlength=B)                            # (B,) >= width each
     if int(count.max()) > 8 * width:
         return None  # a crowd of ties at the floor: topk is cheaper
-    values, ids = _pack_rows(count, [logits[rows, ids], ids], [NEG_INF, 0])  # (B, C)
+    values, ids = _pack_rows(rows, count, [logits[rows, ids], ids], [NEG_INF, 0])  # (B, C)
     values, order = values.sort(dim=-1, descending=True, stable=True)     # ids ascend within ties
     return values[:, :width], ids.gather(-1, order[:, :width])
 
@@ -346,15 +345,18 @@ def _zero_positions(x, scratch):
     return rows[hit], word[hit] * 8 + byte
 
 
-def _pack_rows(count, columns, fills):
-    """Entries listed row by row (`count` (R,) of them in each row) as (R, C) tables, one per
-    tensor of `columns`, padded with `fills` to C = the largest count (at least 1)."""
-    sizes = count.tolist()
-    if max(sizes) == 0:
-        return [torch.full((len(sizes), 1), fill, dtype=column.dtype, device=column.device)
-                for column, fill in zip(columns, fills)]
-    return [pad_sequence(column.split(sizes), batch_first=True, padding_value=fill)
-            for column, fill in zip(columns, fills)]
+def _pack_rows(rows, count, columns, fills):
+    """Entries listed row by row (`rows` ascending, `count` (R,) per row) as (R, C) tables,
+    one per tensor of `columns`, padded with `fills` to C = the largest count (at least 1)."""
+    R = count.shape[0]
+    C = max(int(count.max()), 1)
+    slot = torch.arange(rows.numel(), device=rows.device) - (count.cumsum(0) - count)[rows]
+    tables = []
+    for column, fill in zip(columns, fills):
+        table = torch.full((R, C), fill, dtype=column.dtype, device=column.device)
+        table[rows, slot] = column
+        tables.append(table)
+    return tables
 
 
 def _scratch(scratch, name, shape, dtype, device):
@@ -600,7 +602,7 @@ class _Buckets:
                                out=self._buffer("off_bucket", weights.shape, torch.float32))
         row, col = _zero_positions(off_bucket, self.scratch)              # ids ascend within a row
         count = torch.bincount(row, minlength=R)                          # (R,)
-        ids, values, w = _pack_rows(count, [col, self.logits[row, col], weights[row, col]],
+        ids, values, w = _pack_rows(row, count, [col, self.logits[row, col], weights[row, col]],
                                     [0, NEG_INF, 0.0])                    # (R, C)
         values, order = values.sort(dim=-1, descending=True, stable=True)  # ties keep id order
         return _Table(bucket, before, ids.gather(-1, order), values, w.gather(-1, order),
