@@ -539,7 +539,7 @@ class _Buckets:
         # the reference's softmax; exp(x) as 2^(x log2 e), twice as fast in float64 on our CPU,
         # differing in the last bits only, as two orders of summation do.
         weights = self._buffer("weights", (R, V), torch.float64).copy_(logits)
-        weights.sub_(top.double()).mul_(LOG2_E).exp2_()
+        torch.add(top.double() * -LOG2_E, weights, alpha=LOG2_E, out=weights).exp2_()
         min_p_relative = None
         if params.uses_min_p:
             min_p_relative = torch.exp(shifted)                          # as apply_min_p, float32
@@ -547,12 +547,12 @@ class _Buckets:
         # and as float32 for `_bucket_table`, whose subtraction reads half the memory then.
         self.bucket_f = shifted.mul_(-(NB - 1) / span).clamp_(max=NB - 1).floor_()
         self.bucket = self._buffer("bucket", (R, V), torch.long).copy_(self.bucket_f)  # (R, V)
-        k = params.top_k[rows]
-        k_active = ((k > 0) & (k < V))[:, None]
-        self.kth = NEG_INF if kth is None else kth                       # (R, 1) from the window
-        self.kth = torch.where(k_active, self.kth, NEG_INF)
-        if params.uses_top_k and bool((self.kth > NEG_INF).any()):
-            weights = weights.masked_fill(logits < self.kth, 0.0)        # top-k's threshold
+        self.kth = torch.full((R, 1), NEG_INF, device=logits.device)     # top-k's threshold
+        if params.uses_top_k and kth is not None:
+            k = params.top_k[rows]
+            self.kth = torch.where(((k > 0) & (k < V))[:, None], kth, NEG_INF)  # from the window
+            if bool((self.kth > NEG_INF).any()):
+                weights = weights.masked_fill(logits < self.kth, 0.0)
         running = self._running_mass(weights)                            # (R, NB)
 
         # Top-p, on what top-k left: the last kept token is the first whose running sum, itself
