@@ -607,7 +607,7 @@ class _Buckets:
                                     [0, NEG_INF, 0.0])                    # (R, C)
         values, order = values.sort(dim=-1, descending=True, stable=True)  # ties keep id order
         return _Table(bucket, before, ids.gather(-1, order), values, w.gather(-1, order),
-                      target, strict, count)
+                      target, strict)
 
     def draw(self, u):
         """Step 10 for these rows: the first kept token whose cumulative probability exceeds
@@ -655,7 +655,6 @@ class _Table:
     w: torch.Tensor         # (R, C) float64 weights
     target: torch.Tensor    # (R,) float64
     strict: bool
-    count: torch.Tensor     # (R,) members
 
     def first(self):
         """(R, 1) position of the first member whose running sum reaches the target. Where
