@@ -189,16 +189,10 @@ def read_sweep(settings):
         return [SweepSetting(text, _sampling_params(parse_inline_setting(text), f"--setting={text}"))
                 for text in settings.setting]
     path = settings.sweep
+    text = read_text_file(path, f"--sweep={path}", "a TOML file")
     try:
-        with open(path, "rb") as f:
-            table = tomllib.load(f)
-    except FileNotFoundError:
-        raise SettingsError(f"--sweep={path}: no such file") from None
-    except IsADirectoryError:
-        raise SettingsError(f"--sweep={path}: is a directory, not a TOML file") from None
-    except OSError as e:
-        raise SettingsError(f"--sweep={path}: cannot read it ({e.strerror})") from None
-    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
+        table = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as e:
         raise SettingsError(f"--sweep={path}: invalid TOML: {e}") from None
     sweep = []
     for name, values in table.items():
