@@ -43,7 +43,7 @@ import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
-from settings import parse_for_main, setting
+from nanosample.settings import parse_for_main, setting
 
 ROOT = Path(__file__).resolve().parent
 SAMPLERS = {  # name -> (our SamplingParams fields, transformers' generate kwargs)
@@ -195,8 +195,8 @@ class _TimedSampler:
 
 
 def run_ours(model, tokenizer, prompt, sampler, batch, new_tokens, seed):
-    import generate as generate_module
-    from sampling import SamplingParams
+    from nanosample import generate as generate_module
+    from nanosample.sampling import SamplingParams
 
     params = SamplingParams(**SAMPLERS[sampler][0])
     timed = _TimedSampler(generate_module.sample_step)
@@ -253,8 +253,8 @@ def run_nocache(model, tokenizer, prompt, sampler, batch, new_tokens, seed):
     """nanoGPT's generate: no KV cache, the whole (cropped) sequence through the model every
     step, the last position's logits sampled (with our sampler, so only the cache differs)."""
     import torch
-    from generate import sample_generator
-    from sampling import BatchParams, SamplingParams, sample_step
+    from nanosample.generate import sample_generator
+    from nanosample.sampling import BatchParams, SamplingParams, sample_step
 
     params = BatchParams([SamplingParams(**SAMPLERS[sampler][0])] * batch, model.config.vocab_size)
     generators = [sample_generator(seed, i) for i in range(batch)]
@@ -282,9 +282,9 @@ def cold_child(which, directory, threads, new_tokens):
     if threads:
         torch.set_num_threads(threads)
     if which == "ours":
-        from generate import generate
-        from loader import load_model
-        from sampling import SamplingParams
+        from nanosample.generate import generate
+        from nanosample.loader import load_model
+        from nanosample.sampling import SamplingParams
         loaded = load_model(directory)
         prompt = loaded.tokenizer.encode(COLD_PROMPT)
         params = SamplingParams(**SAMPLERS["top_k"][0])
@@ -296,7 +296,7 @@ def cold_child(which, directory, threads, new_tokens):
             pass
     else:
         from transformers import GPT2LMHeadModel, GPT2TokenizerFast
-        bpe = ROOT / "assets" / "gpt2-bpe"
+        bpe = ROOT / "nanosample" / "assets" / "gpt2-bpe"
         tokenizer = GPT2TokenizerFast(vocab=str(bpe / "encoder.json"),  # the same BPE files
                                       merges=str(bpe / "vocab.bpe"))
         model = GPT2LMHeadModel.from_pretrained(directory).eval()
@@ -423,7 +423,7 @@ def main(argv=None):
     import torch
     import transformers
     transformers.logging.set_verbosity_error()
-    from loader import load_model
+    from nanosample.loader import load_model
     if s.threads:
         torch.set_num_threads(s.threads)
     threads = torch.get_num_threads()

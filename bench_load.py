@@ -51,8 +51,8 @@ def child(which, directory, dtype_name):
     import torch
     dtype = getattr(torch, dtype_name)
     if which == "ours":
-        from loader import load_model
-        from tokenizer import gpt2_tokenizer
+        from nanosample.loader import load_model
+        from nanosample.tokenizer import gpt2_tokenizer
         t_tok = time.perf_counter()
         gpt2_tokenizer()  # built once per process; timed apart so both columns load only weights
         tokenizer_s = time.perf_counter() - t_tok

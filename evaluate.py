@@ -49,8 +49,8 @@ import tomllib
 from dataclasses import dataclass, field, fields
 
 # `setting` is also a flag's name below, so the field helper goes by another name here
-from settings import HelpRequested, SettingsError, parse_settings
-from settings import setting as option
+from nanosample.settings import HelpRequested, SettingsError, parse_settings
+from nanosample.settings import setting as option
 
 DESCRIPTION = ("Sweep decoding settings and measure each as Holtzman et al. do: perplexity, "
                "repetition, distinct-n, Self-BLEU, Zipf coefficient and entropy, against the "
@@ -147,7 +147,7 @@ def _sampling_params(values, where):
     """SamplingParams from {key: value} of SWEEP_KEYS; SettingsError naming `where`."""
     import difflib
 
-    import sampling
+    from nanosample import sampling
 
     for key in values:
         if key not in SWEEP_KEYS:
@@ -218,12 +218,12 @@ class Prompt:
 
 
 def read_corpus(path):
-    """Text of --data, or of tiny Shakespeare (downloaded once into a cache by train.py's code)."""
+    """Text of --data, or of tiny Shakespeare (downloaded once into a cache)."""
     flag = f"--data={path}"
     if not path:
-        import train
+        from nanosample.corpus import download_tiny_shakespeare
         try:
-            path = str(train.download_tiny_shakespeare())
+            path = str(download_tiny_shakespeare())
         except ValueError as e:
             raise SettingsError(f"--data: {e}") from None
     return read_text_file(path, flag, "a text file")
@@ -357,8 +357,8 @@ class StepRecorder:
     def __call__(self, step):
         import torch
 
-        import metrics
-        import sampling
+        from nanosample import metrics
+        from nanosample import sampling
 
         logits = sampling.clean_logits(step.raw_logits, self.n_vocab)        # (B, V)
         logprobs = torch.log_softmax(logits.double(), dim=-1)                 # (B, V)
@@ -373,7 +373,7 @@ class StepRecorder:
 def generate_for_prompt(model, tokenizer, prompt_index, prompt, params, num_samples,
                         max_new_tokens, seed, on_token=None):
     """The `num_samples` generations of one prompt under one setting, as one batch."""
-    import generate
+    from nanosample import generate
 
     first = prompt_index * num_samples
     generations = {first + j: Generation(prompt_index, j) for j in range(num_samples)}
@@ -406,7 +406,7 @@ def score_continuation(model, prompt_ids, continuation_ids, n_vocab):
     """
     import torch
 
-    from generate import context_start
+    from nanosample.generate import context_start
 
     block_size = model.config.block_size
     sequence = list(prompt_ids) + list(continuation_ids)
@@ -443,7 +443,7 @@ def score_continuation(model, prompt_ids, continuation_ids, n_vocab):
 
 def units_of(tokenizer, ids, text, cut):
     """What the text metrics count: words for a character model, tokens for BPE."""
-    import metrics
+    from nanosample import metrics
 
     if tokenizer.name == "char":
         return metrics.split_words(text, drop_partial_last=cut)
@@ -456,7 +456,7 @@ def measure(unit_sets, logprobs, entropies):
     lists); diversity is computed per set and averaged. `entropies` None for human text."""
     import numpy as np
 
-    import metrics
+    from nanosample import metrics
 
     everything = [units for units_set in unit_sets for units in units_set]
 
@@ -543,7 +543,7 @@ def describe_run(settings, prompts, sweep, units, val_fraction):
 
 
 def describe_params(params):
-    from sampling import SamplingParams
+    from nanosample.sampling import SamplingParams
 
     default = SamplingParams()
     if params.greedy:
@@ -672,8 +672,8 @@ def main(argv=None):
     import torch
     from tqdm import tqdm
 
-    import loader
-    from sample import resolve_device
+    from nanosample import loader
+    from nanosample.device import resolve_device
 
     if settings.threads is not None:
         torch.set_num_threads(settings.threads)

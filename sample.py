@@ -21,11 +21,13 @@ Choices:
 - --explain_file and --plot never replace an existing file unless --overwrite is given.
 """
 
+import importlib
 import os
 import sys
 import time
 
-from settings import HelpRequested, SampleSettings, SettingsError, parse_settings
+from nanosample.device import resolve_device
+from nanosample.settings import HelpRequested, SampleSettings, SettingsError, parse_settings
 
 SEPARATOR = "---------------"
 DESCRIPTION = ("Sample text from a GPT-2-family model: the shipped character-level Shakespeare "
@@ -53,7 +55,7 @@ def sample(argv):
     except SettingsError as e:
         return report_error(e)
 
-    import loader  # the model code loads only once the settings are known to be good
+    from nanosample import loader  # the model code loads only once the settings are known to be good
 
     try:
         device, dtype = resolve_device(settings.device, settings.dtype)
@@ -147,37 +149,13 @@ def import_explain(settings):
     flag = "--explain" if settings.explain else \
         "--explain_file" if settings.explain_file is not None else "--plot"
     try:
-        import explain
+        explain = importlib.import_module("nanosample.explain")
     except ModuleNotFoundError as e:
-        if e.name != "explain":
+        if e.name != "nanosample.explain":
             raise  # explain.py is there but something it needs is not: a real problem
         raise SettingsError(f"{flag}: explain mode is not available in this version "
                             f"(explain.py is missing)") from None
     return explain
-
-
-def resolve_device(device, dtype):
-    """--device and --dtype ("auto" included) as what the machine can do, or an error."""
-    import torch
-
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else \
-            "mps" if torch.backends.mps.is_available() else "cpu"
-    elif device.startswith("cuda"):
-        if not torch.cuda.is_available():
-            raise SettingsError(f"--device={device}: CUDA is not available on this machine; "
-                                f"use --device=cpu or --device=auto")
-        index = int(device.partition(":")[2] or 0)
-        if index >= torch.cuda.device_count():
-            raise SettingsError(f"--device={device}: this machine has "
-                                f"{torch.cuda.device_count()} CUDA device(s)")
-    elif device == "mps" and not torch.backends.mps.is_available():
-        raise SettingsError("--device=mps: MPS is not available on this machine; use --device=cpu "
-                            "or --device=auto")
-    if dtype == "auto":
-        on_gpu = device.startswith("cuda")
-        dtype = "bfloat16" if on_gpu and torch.cuda.is_bf16_supported() else "float32"
-    return device, dtype
 
 
 def encode_prompt(prompt, flag, tokenizer, block_size):
@@ -198,7 +176,7 @@ def encode_prompt(prompt, flag, tokenizer, block_size):
 
 def sampler_params_for(settings, tokenizer):
     """The validated SamplingParams, with --ban and --logit_bias ids checked against the vocabulary."""
-    import sampling
+    from nanosample import sampling
 
     params = settings.sampling_params()
     if len({i for i in params.banned_ids if i < tokenizer.n_vocab}) == tokenizer.n_vocab:
@@ -258,7 +236,7 @@ class SamplePrinter:
 
 
 def run(settings, model, tokenizer, prompt, prompt_ids, params, trace):
-    import generate
+    from nanosample import generate
     from tqdm import tqdm
 
     n, max_new = settings.num_samples, settings.max_new_tokens

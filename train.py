@@ -16,18 +16,16 @@ import os
 import platform
 import sys
 import time
-import urllib.request
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
 from torch.nn import functional as F
 
-from model import GPT, GPTConfig
-from settings import parse_for_main, setting
+from nanosample.corpus import download_tiny_shakespeare
+from nanosample.model import GPT, GPTConfig
+from nanosample.settings import parse_for_main, setting
 
-TINY_SHAKESPEARE_URL = "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt"
-TINY_SHAKESPEARE_SHA256 = "86c4e6aa9db7c042ec79f339dcb96d42b0075e16b8fc2e86bf0ca57e2dc565ed"
 VAL_SEED_OFFSET = 1  # the validation windows come from their own generator, never the train one
 
 
@@ -102,34 +100,6 @@ class TrainSettings:
 
 
 # ----------------------------------------------------------------------------- data
-
-def default_cache_dir():
-    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-    return Path(base) / "nanosample"
-
-
-def download_tiny_shakespeare(cache_dir=None):
-    """Path of tiny Shakespeare in the cache, downloading it the first time."""
-    path = Path(cache_dir or default_cache_dir()) / "tinyshakespeare" / "input.txt"
-    if path.is_file():
-        return path
-    path.parent.mkdir(parents=True, exist_ok=True)
-    print(f"downloading {TINY_SHAKESPEARE_URL} to {path}", flush=True)
-    try:
-        with urllib.request.urlopen(TINY_SHAKESPEARE_URL, timeout=60) as response:
-            data = response.read()
-    except OSError as e:  # URLError, timeouts, refused connections
-        raise ValueError(f"could not download tiny Shakespeare from {TINY_SHAKESPEARE_URL} ({e}); "
-                         f"download it yourself and pass --data=PATH") from None
-    got = hashlib.sha256(data).hexdigest()
-    if got != TINY_SHAKESPEARE_SHA256:
-        raise ValueError(f"{TINY_SHAKESPEARE_URL}: the download's sha256 {got[:12]}... is not "
-                         f"tiny Shakespeare's {TINY_SHAKESPEARE_SHA256[:12]}...; pass --data=PATH")
-    tmp = path.with_suffix(".part")
-    tmp.write_bytes(data)
-    tmp.replace(path)  # never leave a half-written cache file behind
-    return path
-
 
 def read_corpus(settings):
     """(text, where it came from) for settings.data, or the downloaded tiny Shakespeare."""
@@ -210,8 +180,8 @@ def estimate_loss(model, ids, batches, batch_size, block_size, seed, autocast="n
 
 def train(s, log=print):
     """Train per `s` and write the checkpoint to s.out_dir; returns (model, its "training" record)."""
-    import loader
-    from tokenizer import CharTokenizer
+    from nanosample import loader
+    from nanosample.tokenizer import CharTokenizer
 
     torch.set_num_threads(s.threads)
     torch.manual_seed(s.seed)

@@ -11,8 +11,8 @@ vocabulary of 32 so that two padding ids (as nanoGPT pads GPT-2's) must never co
 import pytest
 import torch
 
-from model import GPT, GPTConfig
-from tokenizer import CharTokenizer
+from nanosample.model import GPT, GPTConfig
+from nanosample.tokenizer import CharTokenizer
 
 torch.set_num_threads(1)
 

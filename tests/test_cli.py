@@ -50,9 +50,9 @@ def files(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("cli")
     from transformers import GPT2Config, GPT2LMHeadModel
 
-    import loader
-    from model import GPT, GPTConfig
-    from tokenizer import CharTokenizer
+    from nanosample import loader
+    from nanosample.model import GPT, GPTConfig
+    from nanosample.tokenizer import CharTokenizer
 
     torch.manual_seed(0)
     gpt2 = tmp / "tiny-gpt2"
@@ -167,7 +167,7 @@ def test_python_config_code_was_never_run(bad_results, files):
 def test_help_lists_every_flag():
     from dataclasses import fields
 
-    from settings import SampleSettings
+    from nanosample.settings import SampleSettings
     code, out, err = sample_py("--help")
     assert code == 0 and err == ""
     for f in fields(SampleSettings):
@@ -279,7 +279,7 @@ def test_shipped_model_preset_file_prompt_and_flags(files, tmp_path):
 def test_printer_keeps_sample_order_and_streams_the_current_sample():
     import io
 
-    from generate import Piece
+    from nanosample.generate import Piece
     from sample import SamplePrinter
 
     pieces = [Piece(1, "b1", 5, False), Piece(0, "a1", 3, False), Piece(1, "b2", 6, True, "eot"),
@@ -307,9 +307,9 @@ def test_printer_keeps_sample_order_and_streams_the_current_sample():
 
 def test_explain_flags_fail_clearly_without_explain_py(monkeypatch):
     from sample import import_explain
-    from settings import SampleSettings, SettingsError
+    from nanosample.settings import SampleSettings, SettingsError
 
-    monkeypatch.setitem(sys.modules, "explain", None)  # `import explain` now fails
+    monkeypatch.setitem(sys.modules, "nanosample.explain", None)  # the import now fails
     for settings, flag in [(SampleSettings(explain=True), "--explain"),
                            (SampleSettings(explain_file="t.jsonl"), "--explain_file"),
                            (SampleSettings(plot="p.png"), "--plot")]:

@@ -15,12 +15,12 @@ import pytest
 import torch
 
 import evaluate
-import loader
-import metrics
-from generate import generate
-from model import GPT, GPTConfig
-from sampling import SamplingParams
-from tokenizer import CharTokenizer, gpt2_tokenizer
+from nanosample import loader
+from nanosample import metrics
+from nanosample.generate import generate
+from nanosample.model import GPT, GPTConfig
+from nanosample.sampling import SamplingParams
+from nanosample.tokenizer import CharTokenizer, gpt2_tokenizer
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SHIPPED = os.path.join(REPO, "checkpoints", "shakespeare_char")

@@ -10,12 +10,12 @@ import re
 import pytest
 import torch
 
-import explain
-import sampling
+from nanosample import explain
+from nanosample import sampling
 from conftest import CHARS
-from generate import TraceStep, generate, sample_generator
-from sampling import BatchParams, SamplingParams
-from tokenizer import CharTokenizer
+from nanosample.generate import TraceStep, generate, sample_generator
+from nanosample.sampling import BatchParams, SamplingParams
+from nanosample.tokenizer import CharTokenizer
 
 
 def explain_logits(logits, seed=1, top=10, seen=None, counts=None, **settings):
@@ -380,7 +380,7 @@ class Settings:
 
 def test_open_trace_refuses_existing_files_and_missing_matplotlib(tokenizer, tmp_path,
                                                                   monkeypatch):
-    from settings import SettingsError
+    from nanosample.settings import SettingsError
 
     existing = tmp_path / "old.jsonl"
     existing.write_text("keep me\n")

@@ -5,9 +5,9 @@ import pytest
 import torch
 
 from conftest import CHARS
-from generate import TextStream, context_start, generate, sample_generator
-from sampling import BatchParams, SamplingParams, sample_step
-from tokenizer import CharTokenizer, gpt2_tokenizer
+from nanosample.generate import TextStream, context_start, generate, sample_generator
+from nanosample.sampling import BatchParams, SamplingParams, sample_step
+from nanosample.tokenizer import CharTokenizer, gpt2_tokenizer
 
 
 def run(model, tokenizer, prompt="the ", **kwargs):

@@ -13,10 +13,10 @@ from pathlib import Path
 import pytest
 import torch
 
-import loader
-from loader import CheckpointError, load_model, save_native
-from model import GPT, GPTConfig, KVCache
-from tokenizer import CharTokenizer, gpt2_tokenizer
+from nanosample import loader
+from nanosample.loader import CheckpointError, load_model, save_native
+from nanosample.model import GPT, GPTConfig, KVCache
+from nanosample.tokenizer import CharTokenizer, gpt2_tokenizer
 
 transformers = pytest.importorskip("transformers")
 transformers.logging.set_verbosity_error()
@@ -471,7 +471,7 @@ def test_offline_hub_and_no_transformers_at_run_time(tmp_path):
     no network; loading a checkpoint never imports transformers."""
     save_native(nanogpt_model(vocab_size=3), CharTokenizer("abc"), tmp_path / "native")
     script = (
-        "import sys, loader\n"
+        "import sys\nfrom nanosample import loader\n"
         f"loader.load_model({str(tmp_path / 'native')!r})\n"
         "assert 'transformers' not in sys.modules, 'transformers was imported'\n"
         "try:\n"

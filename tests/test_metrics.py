@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-import metrics
+from nanosample import metrics
 
 
 # ------------------------------------------------------------------------------ repetition

@@ -5,8 +5,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import model
-from model import GPT, GPTConfig, KVCache, linear
+from nanosample import model
+from nanosample.model import GPT, GPTConfig, KVCache, linear
 
 
 @pytest.mark.parametrize("out_features", [7, 256, 600, 50257])

@@ -7,8 +7,8 @@ import pytest
 import torch
 from hypothesis import given, settings, strategies as st
 
-import sampling
-from sampling import (BatchParams, SamplingParams, apply_frequency_presence, apply_min_p,
+from nanosample import sampling
+from nanosample.sampling import (BatchParams, SamplingParams, apply_frequency_presence, apply_min_p,
                       apply_repetition_penalty, apply_temperature, apply_top_k, apply_top_p,
                       clean_logits, final_probabilities, greedy_tokens, inverse_cdf,
                       reference_truncate, sample_step, select_candidates)

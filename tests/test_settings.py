@@ -6,7 +6,7 @@ from dataclasses import dataclass, fields
 
 import pytest
 
-from settings import (HelpRequested, SampleSettings, SettingsError, parse_logit_bias,
+from nanosample.settings import (HelpRequested, SampleSettings, SettingsError, parse_logit_bias,
                       parse_settings, read_config_file, setting)
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -5,7 +5,7 @@ import shutil
 import pytest
 import torch
 
-from tokenizer import (GPT2_BPE_DIR, CharTokenizer, TokenizerError, gpt2_tokenizer,
+from nanosample.tokenizer import (GPT2_BPE_DIR, CharTokenizer, TokenizerError, gpt2_tokenizer,
                        tokenizer_from_config)
 
 TEXT = ("Hello world! It's 2024 — naïve café 日本語 🤖\n\n\tdon't   spaces  here   \n"
@@ -30,7 +30,7 @@ def test_gpt2_ranks_equal_tiktokens_builder_from_the_merges():
     # in vocab.bpe (and checks encoder.json against them). Both must give the same 50256 ranks.
     from tiktoken.load import data_gym_to_mergeable_bpe_ranks
 
-    from tokenizer import gpt2_mergeable_ranks
+    from nanosample.tokenizer import gpt2_mergeable_ranks
     ours = gpt2_mergeable_ranks((GPT2_BPE_DIR / "encoder.json").read_bytes())
     theirs = data_gym_to_mergeable_bpe_ranks(str(GPT2_BPE_DIR / "vocab.bpe"),
                                              str(GPT2_BPE_DIR / "encoder.json"))

@@ -9,9 +9,10 @@ from pathlib import Path
 import pytest
 import torch
 
-import loader
+from nanosample import loader
 import train
-from settings import parse_settings
+from nanosample import corpus
+from nanosample.settings import parse_settings
 
 ROOT = Path(__file__).resolve().parents[1]
 SHIPPED = ROOT / "checkpoints" / "shakespeare_char"
@@ -123,21 +124,21 @@ def test_download_refuses_a_wrong_file_and_reports_network_errors(tmp_path, monk
         def read(self):
             return b"not Shakespeare"
 
-    monkeypatch.setattr(train.urllib.request, "urlopen", lambda url, timeout: FakeResponse())
+    monkeypatch.setattr(corpus.urllib.request, "urlopen", lambda url, timeout: FakeResponse())
     with pytest.raises(ValueError, match="sha256"):
-        train.download_tiny_shakespeare(tmp_path)
+        corpus.download_tiny_shakespeare(tmp_path)
     assert not list((tmp_path / "tinyshakespeare").iterdir())  # nothing half-written is cached
 
     def offline(url, timeout):
         raise OSError("Network is unreachable")
 
-    monkeypatch.setattr(train.urllib.request, "urlopen", offline)
+    monkeypatch.setattr(corpus.urllib.request, "urlopen", offline)
     with pytest.raises(ValueError, match="--data=PATH"):
-        train.download_tiny_shakespeare(tmp_path)
+        corpus.download_tiny_shakespeare(tmp_path)
 
     cached = tmp_path / "tinyshakespeare" / "input.txt"
     cached.write_text("cached", encoding="utf-8")
-    assert train.download_tiny_shakespeare(tmp_path) == cached  # no network once cached
+    assert corpus.download_tiny_shakespeare(tmp_path) == cached  # no network once cached
 
 
 def test_shipped_model_loads_is_small_and_reached_its_target():

@@ -26,7 +26,7 @@ import unicodedata
 
 import torch
 
-import sampling
+from nanosample import sampling
 
 SCHEMA_VERSION = 1
 
@@ -419,7 +419,7 @@ def require_matplotlib(flag="--plot"):
     try:
         import matplotlib  # noqa: F401
     except ModuleNotFoundError:
-        from settings import SettingsError
+        from nanosample.settings import SettingsError
         raise SettingsError(f"{flag}: needs matplotlib, which is not installed; "
                             f"pip install matplotlib (or pip install -e '.[plot]')") from None
 
@@ -430,7 +430,7 @@ def open_trace(settings, tokenizer):
     Raises settings.SettingsError for a user's mistake: matplotlib missing for --plot, or an
     --explain_file that cannot be written.
     """
-    from settings import SettingsError
+    from nanosample.settings import SettingsError
 
     if settings.plot is not None:
         require_matplotlib(f"--plot={settings.plot}")

@@ -486,7 +486,7 @@ class SampleSettings:
         Building it runs the sampler's own checks (SAMPLING.md §3), so the rules live in one
         place: ValueError("top_p=1.5: must be ...").
         """
-        import sampling  # imports torch: deferred so that a mistyped flag is reported at once
+        from nanosample import sampling  # imports torch: deferred so that a mistyped flag is reported at once
         return sampling.SamplingParams(
             temperature=self.temperature, top_k=0 if self.top_k is None else self.top_k,
             top_p=self.top_p, min_p=self.min_p, repetition_penalty=self.repetition_penalty,

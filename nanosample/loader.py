@@ -44,12 +44,12 @@ from pathlib import Path
 
 import torch
 
-from model import GPT, GPTConfig
-from tokenizer import CharTokenizer, TokenizerError, gpt2_tokenizer, tokenizer_from_config
+from nanosample.model import GPT, GPTConfig
+from nanosample.tokenizer import CharTokenizer, TokenizerError, gpt2_tokenizer, tokenizer_from_config
 
 HF_MODEL_NAMES = ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl")
 HF_REPO_OWNER = "openai-community"
-PROJECT_CHECKPOINTS = Path(__file__).resolve().parent / "checkpoints"
+PROJECT_CHECKPOINTS = Path(__file__).resolve().parent.parent / "checkpoints"
 NATIVE_FORMAT = "nanosample"
 NATIVE_FORMAT_VERSION = 1
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}

@@ -17,8 +17,8 @@ from dataclasses import dataclass
 
 import torch
 
-from model import KVCache
-from sampling import BatchParams, SamplingParams, sample_step
+from nanosample.model import KVCache
+from nanosample.sampling import BatchParams, SamplingParams, sample_step
 
 
 @dataclass

@@ -1,0 +1,12 @@
+"""nanosample: sample text from GPT-2-family models and see how every token was chosen.
+
+The modules, in the order a reader meets them:
+    model      GPT-2 (nanoGPT's names) with an explicit KV cache
+    sampling   the sampler: temperature -> top-k -> top-p -> min-p -> draw
+    generate   the loop: prefill, then decode token by token, streaming text
+    loader     checkpoints: Hugging Face safetensors, nanoGPT ckpt.pt, the shipped model
+    tokenizer  GPT-2's BPE (files shipped in assets/) and character vocabularies
+    settings   the flags and config files of the scripts
+    explain    the article's tables for every step, as text, JSON Lines and a plot
+    metrics    the decoding sweep's measures
+"""
