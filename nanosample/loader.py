@@ -324,7 +324,8 @@ def _init_skipped():
 def _check_weights_match(state_dict, expected, source):
     for k, t in state_dict.items():
         if not isinstance(t, (torch.Tensor, _SafetensorsTensor)):
-            raise CheckpointError(f"{source}: {_short(k)} is a {type(t).__name__}, not a tensor")
+            name = k if isinstance(k, str) and len(k) <= 80 else _short(k)
+            raise CheckpointError(f"{source}: {name} is a {type(t).__name__}, not a tensor")
         if isinstance(t, torch.Tensor) and k in expected:
             if t.layout != torch.strided:
                 raise CheckpointError(f"{source}: {k} is a {t.layout} tensor; only dense tensors "
@@ -541,8 +542,8 @@ def save_native(model, tokenizer, directory, extra=None):
 def _load_native(directory, config, device, dtype):
     config_path = directory / "config.json"
     version = config.get("format_version")
-    if version != NATIVE_FORMAT_VERSION:
-        raise CheckpointError(f"{config_path}: format_version {version!r} is not "
+    if type(version) is not int or version != NATIVE_FORMAT_VERSION:
+        raise CheckpointError(f"{config_path}: format_version {_short(version)} is not "
                               f"{NATIVE_FORMAT_VERSION}; it was written by another nanosample version")
     if not isinstance(config.get("model"), dict):
         raise CheckpointError(f"{config_path}: no 'model' entry with the GPTConfig fields")
@@ -765,6 +766,10 @@ def _torch_load(path):
     except FileNotFoundError:
         raise CheckpointError(f"{path}: not found") from None
     except pickle.UnpicklingError as e:
+        if "Unsupported operand" in str(e):  # FRAME (protocol 4) and others weights_only lacks
+            raise CheckpointError(f"{path}: written with a pickle protocol (4 or 5) that "
+                                  f"torch.load(weights_only=True) cannot read; save it again with "
+                                  f"torch.save's default protocol") from None
         reason = _first_sentence(e, 200)
         raise CheckpointError(f"{path}: refused, it holds more than tensors and plain values "
                               f"({reason})") from None
