@@ -62,6 +62,8 @@ def page_data(records, run=None, max_candidates=None):
     run: what the trace does not hold, all optional: {"prompt": str, "seed": int, "model": str}.
     max_candidates: K (default `candidates_per_step(len(records))`).
     """
+    if not records:
+        raise ValueError("no records: a page needs at least one generated token")
     records = sorted(records, key=lambda r: (r["sample"], r["step"]))
     for a, b in zip(records, records[1:]):
         if (a["sample"], a["step"]) == (b["sample"], b["step"]):

@@ -146,6 +146,14 @@ def test_a_1000_step_trace_is_under_2_mb(model, tokenizer):
 def test_two_steps_for_one_sample_is_an_error(records):
     with pytest.raises(ValueError, match="sample 0 step 0 appears twice"):
         explorer.page_data(records + records[:1])
+    with pytest.raises(ValueError, match="no records"):
+        explorer.page_data([])
+
+
+def test_browser_tests_say_why_they_skip(monkeypatch):
+    monkeypatch.setenv("PATH", "")
+    assert chromium_paths() == (None, "needs Debian's chromium and chromium-driver (apt-get "
+                                      "install chromium chromium-driver); .ci/run installs them")
 
 
 # ---------------------------------------------------------------------------------------------

@@ -94,11 +94,14 @@
   }
 
   // ---------------------------------------------------------------------------------------
-  // Shading: darker = a less likely choice (q mode) or a more uncertain step (entropy mode)
+  // Shading: darker = a less likely choice (q mode, on a log scale: the surprise -log2 q, full
+  // at 6 bits, q = 1/64) or a more uncertain step (entropy mode, full at the run's largest)
 
+  const SURPRISE_BITS = 6;
   let shadeBy = "q";
   function shade(r) {
-    const t = shadeBy === "q" ? 1 - r.chosen.q : r.entropy_bits / maxEntropy;   // 0 .. 1
+    const t = shadeBy === "q" ? -Math.log2(Math.max(r.chosen.q, 1e-300)) / SURPRISE_BITS
+      : r.entropy_bits / maxEntropy;
     const hue = shadeBy === "q" ? 28 : 212;
     return `hsl(${hue}, 88%, ${(97 - 44 * Math.min(1, Math.max(0, t))).toFixed(1)}%)`;
   }
@@ -106,7 +109,7 @@
     const hue = shadeBy === "q" ? 28 : 212;
     $("ramp").style.background = `linear-gradient(90deg, hsl(${hue}, 88%, 97%), hsl(${hue}, 88%, 53%))`;
     $("ramp-low").textContent = shadeBy === "q" ? "q = 1" : "0 bits";
-    $("ramp-high").textContent = shadeBy === "q" ? "q → 0 (a surprise)" : maxEntropy.toFixed(2) + " bits";
+    $("ramp-high").textContent = shadeBy === "q" ? "q ≤ 1/64 (log scale)" : maxEntropy.toFixed(2) + " bits";
     for (const [key, t] of tokens) t.span.style.background = shade(t.record);
   }
 
@@ -182,14 +185,14 @@
         const d = divergedAt.get(s);
         meta += d === 0 ? " · differs from sample " + base + " from its first token"
           : d >= recs.length ? " · the same tokens as sample " + base
-          : " · the same first " + d + " tokens as sample " + base + ", then differs (red mark)";
+          : " · the same first " + (d === 1 ? "token" : d + " tokens") + " as sample " + base + ", then differs (red mark)";
       }
       card.append(el("p", "meta", meta));
 
       const svg = svgEl("svg", { class: "strip", role: "img", "aria-label": "entropy and chosen probability over the steps" });
       card.append(svg);
       const legend = el("div", "strip-legend");
-      legend.append(el("span", "line"), "entropy of q (0 to " + maxEntropy.toFixed(2) + " bits)", el("span", "dot"), "q of the chosen token (0 to 1)");
+      legend.append(el("span", "line"), "entropy of q, 0–" + maxEntropy.toFixed(2) + " bits", el("span", "dot"), "q of the chosen token, 0–1");
       card.append(legend);
       strips.set(s, { svg, recs, marker: null });
       svg.addEventListener("click", (ev) => {
@@ -288,9 +291,9 @@
     selected = { sample: s, step, pinned };
     t.span.classList.add("selected");
     moveMarker(s, step);
-    showStep(t.record);
-    $("detail").classList.remove("closed");
+    $("detail").classList.remove("closed");   // shown first, so that the charts measure its width
     document.body.classList.add("sheet-open");
+    showStep(t.record);
   }
 
   function showStep(r) {
@@ -315,12 +318,12 @@
     const reshape = $("reshape");
     reshape.replaceChildren();
     if (!r.greedy) {
-      const stages = ["p = " + p3(c.p_raw) + " raw"];
+      const stages = [p3(c.p_raw) + " raw"];
       if (c.p_adjusted !== null) stages.push(p3(c.p_adjusted) + " after bias and penalties");
       stages.push(p3(c.p_tempered) + " after temperature " + num(s.temperature));
       const filters = filtersOn(s, r.vocab_size);
-      stages.push("q = " + p3(c.q) + (filters.length ? " after " + filters.join(", ") : " (no filter on)"));
-      reshape.append(el("code", "", visible(c.text)), ": " + stages.join(" → ") + ".");
+      stages.push(p3(c.q) + " final" + (filters.length ? ", after " + filters.join(", ") : " (no filter on)"));
+      reshape.textContent = "Its probability: " + stages.join(" → ") + ".";
     }
     showDivergence(r);
     drawBars(r);
@@ -343,8 +346,8 @@
       const a = r.sample < s ? r : o.record, b = r.sample < s ? o.record : r;
       const drew = (x) => (x.greedy ? "took the most likely token " : "drew u = " + p3(x.u) + " → ");
       box.append((r.step ? "Samples " + a.sample + " and " + b.sample + " wrote the same " + r.step + " tokens until here. " : "") +
-        "Here sample " + a.sample + " " + drew(a), el("code", "", visible(a.chosen_text)),
-        " (rank " + a.chosen_rank + ") and sample " + b.sample + " " + drew(b), el("code", "", visible(b.chosen_text)),
+        "Here sample " + a.sample + " " + drew(a), el("code", "", '"' + visible(a.chosen_text) + '"'),
+        " (rank " + a.chosen_rank + ") and sample " + b.sample + " " + drew(b), el("code", "", '"' + visible(b.chosen_text) + '"'),
         " (rank " + b.chosen_rank + "). ");
     }
   }
@@ -360,7 +363,7 @@
       rows.push(c);
       previous = c.rank;
     }
-    const rowH = 17, top = 2, labelW = 96, valueW = 46;
+    const rowH = 15, top = 2, labelW = 96, valueW = 46;
     const h = top + rows.length * rowH + 2;
     svg.setAttribute("viewBox", `0 0 ${w} ${h}`);
     svg.setAttribute("height", h);
@@ -370,25 +373,25 @@
     rows.forEach((c, i) => {
       const y = top + i * rowH;
       if (c === null) {
-        svg.append(svgEl("text", { x: 26, y: y + 12, "text-anchor": "end", fill: "#888", "font-size": 11 }, "…"));
+        svg.append(svgEl("text", { x: 26, y: y + 11, "text-anchor": "end", fill: "#888", "font-size": 11 }, "…"));
         return;
       }
       if (c.rank === r.chosen_rank) svg.append(svgEl("rect", { x: 0, y, width: w, height: rowH - 1, fill: "#fbe3e3", rx: 2 }));
       const color = c.rank === r.chosen_rank ? "#d62728" : c.kept ? "#1f2328" : "#9a9aa2";
       const weight = c.rank === r.chosen_rank ? 700 : 400;
-      svg.append(svgEl("text", { x: 26, y: y + 12, "text-anchor": "end", fill: color, "font-size": 11, "font-weight": weight }, String(c.rank)));
-      const label = svgEl("text", { x: 32, y: y + 12, fill: color, "font-size": 12, "font-weight": weight, "font-family": "ui-monospace, Menlo, Consolas, DejaVu Sans Mono, monospace" }, short(c.text, 8));
+      svg.append(svgEl("text", { x: 26, y: y + 11, "text-anchor": "end", fill: color, "font-size": 11, "font-weight": weight }, String(c.rank)));
+      const label = svgEl("text", { x: 32, y: y + 11, fill: color, "font-size": 12, "font-weight": weight, "font-family": "ui-monospace, Menlo, Consolas, DejaVu Sans Mono, monospace" }, short(c.text, 8));
       if (!c.kept) label.setAttribute("text-decoration", "line-through");
       svg.append(label);
       const bar = (v, dy, fill) => {
         if (v === null || v === 0) return;
         svg.append(svgEl("rect", { x: labelW, y: y + dy, width: Math.max(0.8, X(v)), height: 4, fill, opacity: c.kept || fill === "#b8b8b8" ? 1 : 0.45 }));
       };
-      bar(c.p_raw, 2, "#b8b8b8");
-      bar(c.p_tempered, 7, "#4e79a7");
-      bar(c.q, 12, "#f28e2b");
+      bar(c.p_raw, 1, "#b8b8b8");
+      bar(c.p_tempered, 5.5, "#4e79a7");
+      bar(c.q, 10, "#f28e2b");
       const value = c.kept ? p3(c.q) : "dropped";
-      svg.append(svgEl("text", { x: w - 2, y: y + 12, "text-anchor": "end", fill: c.kept ? "#656d76" : "#9a9aa2", "font-size": 10.5 }, value));
+      svg.append(svgEl("text", { x: w - 2, y: y + 11, "text-anchor": "end", fill: c.kept ? "#656d76" : "#9a9aa2", "font-size": 10.5 }, value));
     });
   }
 
@@ -456,7 +459,7 @@
         else if (field === "top_k" || field === "top_p" || field === "min_p") td = el("td", c[field] === null ? "" : c[field] ? "yes" : "no", verdict(c[field]));
         else if (field === "penalized") td = el("td", "", c.penalized === null ? "–" : c.penalized ? "yes" : "no");
         else if (field === "cum") {
-          td = el("td", "", c.cum_before === null ? "–" : "[" + c.cum_before.toFixed(4) + ", " + c.cum_after.toFixed(4) + ")");
+          td = el("td", "", c.cum_before === null ? "–" : "[" + p3(c.cum_before) + ", " + p3(c.cum_after) + ")");
           if (c.cum_before !== null) td.title = "[" + c.cum_before + ", " + c.cum_after + ")";
         } else {
           td = el("td", "", p4(c[field]));
