@@ -205,7 +205,7 @@ def main(argv=None):
                           f"--overwrite ({USAGE})")
         if name == "overwrite":
             if has_value:
-                return _error(f"--overwrite: takes no value")
+                return _error("--overwrite: takes no value")
             options["overwrite"] = True
         elif not has_value or (name != "start" and not value):
             return _error(f"--{name}: needs a value, e.g. --{name}=" + (
@@ -240,7 +240,7 @@ def main(argv=None):
     except FileExistsError:
         return _error(f"--html={page}: the file appeared meanwhile; not replaced")
     except OSError as e:
-        return _error(f"{e.filename}: cannot read or write it ({e.strerror})")
+        return _error(f"{e.filename or trace}: cannot read or write it ({e.strerror})")
     print(f"wrote {page}: {len(records)} steps, {size / 1e6:.2f} MB", file=sys.stderr)
     return 0
 

@@ -110,7 +110,7 @@
     $("ramp").style.background = `linear-gradient(90deg, hsl(${hue}, 88%, 97%), hsl(${hue}, 88%, 53%))`;
     $("ramp-low").textContent = shadeBy === "q" ? "q = 1" : "0 bits";
     $("ramp-high").textContent = shadeBy === "q" ? "q ≤ 1/64 (log scale)" : maxEntropy.toFixed(2) + " bits";
-    for (const [key, t] of tokens) t.span.style.background = shade(t.record);
+    for (const t of tokens.values()) t.span.style.background = shade(t.record);
   }
 
   // ---------------------------------------------------------------------------------------
