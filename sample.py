@@ -18,7 +18,7 @@ Choices:
   does; a character vocabulary has no such token, so it starts from a newline (nanoGPT's
   default prompt). Either way nothing is printed for the prompt.
 - A prompt longer than the model's context (block_size) is an error, not silently cropped.
-- --explain_file and --plot never replace an existing file unless --overwrite is given.
+- --explain_file, --plot and --html never replace an existing file unless --overwrite is given.
 """
 
 import importlib
@@ -64,7 +64,7 @@ def sample(argv):
         prompt_ids = encode_prompt(prompt, prompt_flag, loaded.tokenizer,
                                    loaded.model.config.block_size)
         params = sampler_params_for(settings, loaded.tokenizer)
-        trace = explain.open_trace(settings, loaded.tokenizer) if explain else None
+        trace = explain.open_trace(settings, loaded.tokenizer, prompt_ids) if explain else None
     except loader.CheckpointError as e:
         # The loader names the file, or init_from=... which is our --init_from flag.
         message = str(e)
@@ -121,11 +121,14 @@ def read_prompt(start):
 
 
 def check_output_paths(settings):
-    """--explain_file and --plot: writable, and never someone's existing file by accident."""
+    """--explain_file, --plot and --html: writable, and never someone's existing file by accident."""
     paths = [(flag, path) for flag, path in (("--explain_file", settings.explain_file),
-                                             ("--plot", settings.plot)) if path is not None]
-    if len(paths) == 2 and os.path.abspath(paths[0][1]) == os.path.abspath(paths[1][1]):
-        raise SettingsError(f"--plot={settings.plot}: the same file as --explain_file")
+                                             ("--plot", settings.plot),
+                                             ("--html", settings.html)) if path is not None]
+    for i, (flag, path) in enumerate(paths):
+        for earlier, other in paths[:i]:
+            if os.path.abspath(path) == os.path.abspath(other):
+                raise SettingsError(f"{flag}={path}: the same file as {earlier}")
     for flag, path in paths:
         directory = os.path.dirname(path) or "."
         if os.path.isdir(path):
@@ -147,7 +150,8 @@ def import_explain(settings):
     if not settings.explaining:
         return None
     flag = "--explain" if settings.explain else \
-        "--explain_file" if settings.explain_file is not None else "--plot"
+        "--explain_file" if settings.explain_file is not None else \
+        "--plot" if settings.plot is not None else "--html"
     try:
         explain = importlib.import_module("nanosample.explain")
     except ModuleNotFoundError as e:

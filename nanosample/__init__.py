@@ -8,5 +8,6 @@ The modules, in the order a reader meets them:
     tokenizer  GPT-2's BPE (files shipped in assets/) and character vocabularies
     settings   the flags and config files of the scripts
     explain    the article's tables for every step, as text, JSON Lines and a plot
+    explorer   the explain records as one HTML page: point at a token, see how it was drawn
     metrics    the decoding sweep's measures
 """

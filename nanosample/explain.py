@@ -346,11 +346,13 @@ class Explainer:
     table_sample: the sample whose steps are shown as tables on `table_stream` and kept in
     `records` for the plot. jsonl_path: every step of every sample, one line each, flushed as
     it goes; an existing file is an error unless `overwrite`. plot_path: drawn by close().
+    html_path: the explorer page of every step of every sample (explorer.py), written by close();
+    `run` holds what the records do not: {"prompt": text, "seed": int, "model": name}.
     """
 
     def __init__(self, tokenizer, table_sample=0, top=10, table_stream=None, jsonl_path=None,
                  record_for_plot=False, plot_path=None, plot_step=0, overwrite=False,
-                 messages=None):
+                 messages=None, html_path=None, run=None):
         assert top >= 1
         self.tokenizer = tokenizer
         self.table_sample = table_sample
@@ -360,6 +362,8 @@ class Explainer:
         self.record_for_plot = record_for_plot or plot_path is not None
         self.messages = messages if messages is not None else sys.stderr
         self.records = []  # table_sample's records, when recording for a plot
+        self.html_path, self.run = html_path, run
+        self.all_records = []  # every sample's records, for the explorer page
         self.jsonl = None
         if jsonl_path is not None:
             # "x": never replace a file the CLI did not agree to replace (and no race after its check)
@@ -368,13 +372,16 @@ class Explainer:
 
     def __call__(self, trace):
         rows = [r for r, (sample, active) in enumerate(zip(trace.samples, trace.active))
-                if active and (self.jsonl is not None or sample == self.table_sample
+                if active and (self.jsonl is not None or self.html_path is not None
+                               or sample == self.table_sample
                                and (self.table_stream is not None or self.record_for_plot))]
         if not rows:
             return
         for record in explain_rows(trace, self.tokenizer, rows, self.top):
             if self.jsonl is not None:
                 self.jsonl.write(json.dumps(record, ensure_ascii=False, allow_nan=False) + "\n")
+            if self.html_path is not None:
+                self.all_records.append(record)
             if record["sample"] == self.table_sample:
                 if self.table_stream is not None:
                     self.table_stream.write(format_table(record) + "\n\n")
@@ -385,7 +392,8 @@ class Explainer:
             self.jsonl.flush()  # an interrupted run keeps every finished step
 
     def close(self):
-        """Finish the outputs: close the JSON Lines file, draw the plot. Safe to call twice."""
+        """Finish the outputs: close the JSON Lines file, draw the plot, write the page. Safe to
+        call twice."""
         if self.closed:
             return
         self.closed = True
@@ -393,6 +401,21 @@ class Explainer:
             self.jsonl.close()
         if self.plot_path is not None:
             self._plot()
+        if self.html_path is not None:
+            self._html()
+
+    def _html(self):
+        from nanosample import explorer
+
+        flag = f"--html={self.html_path}"
+        if not self.all_records:
+            print(f"warning: {flag}: no tokens were generated; no page written", file=self.messages)
+            return
+        try:
+            explorer.write_html(self.all_records, self.html_path, self.run, overwrite=self.overwrite)
+        except FileExistsError:
+            print(f"warning: {flag}: the file appeared during the run; not replaced (add "
+                  f"--overwrite to replace it)", file=self.messages)
 
     def _plot(self):
         flag = f"--plot={self.plot_path}"
@@ -424,8 +447,10 @@ def require_matplotlib(flag="--plot"):
                             f"pip install matplotlib (or pip install -e '.[plot]')") from None
 
 
-def open_trace(settings, tokenizer):
+def open_trace(settings, tokenizer, prompt_ids=None):
     """sample.py's hook: the trace callable for a run's SampleSettings (see sample.py).
+
+    prompt_ids: the prompt as the model saw it, for the explorer page's header (--html).
 
     Raises settings.SettingsError for a user's mistake: matplotlib missing for --plot, or an
     --explain_file that cannot be written.
@@ -434,11 +459,18 @@ def open_trace(settings, tokenizer):
 
     if settings.plot is not None:
         require_matplotlib(f"--plot={settings.plot}")
+    html = getattr(settings, "html", None)
+    run = None
+    if html is not None:
+        run = {"prompt": None if prompt_ids is None else tokenizer.decode(prompt_ids),
+               "seed": settings.seed,
+               "model": settings.out_dir if settings.init_from == "resume" else settings.init_from}
     try:
         return Explainer(tokenizer, table_sample=settings.explain_sample, top=settings.explain_top,
                          table_stream=sys.stderr if settings.explain else None,
                          jsonl_path=settings.explain_file, plot_path=settings.plot,
-                         plot_step=settings.plot_step, overwrite=settings.overwrite)
+                         plot_step=settings.plot_step, overwrite=settings.overwrite,
+                         html_path=html, run=run)
     except FileExistsError:
         raise SettingsError(f"--explain_file={settings.explain_file}: the file exists; choose "
                             f"another path, or add --overwrite to replace it") from None
@@ -579,3 +611,16 @@ def plot_explained(records, path, step, overwrite=False):
     suffix = os.path.splitext(path)[1].lower().lstrip(".") or "png"
     with open(path, "wb" if overwrite else "xb") as f:
         fig.savefig(f, format=suffix, dpi=110)
+
+
+# ---------------------------------------------------------------------------------------------
+# python -m nanosample.explain trace.jsonl --html=run.html
+
+def main(argv=None):
+    """The explorer page of a trace that --explain_file wrote (explorer.py owns the command)."""
+    from nanosample import explorer
+    return explorer.main(argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -436,8 +436,10 @@ class SampleSettings:
     plot: str | None = setting(None, "draw the sampling picture of one step to this .png/.svg/.pdf "
                                      "file (needs matplotlib)")
     plot_step: int = setting(0, "which step of --explain_sample --plot draws (0 = the first)")
-    overwrite: bool = setting(False, "let --explain_file and --plot replace existing files (by "
-                                     "default an existing file is an error)")
+    html: str | None = setting(None, "write the run as one self-contained HTML page to this file: "
+                                     "point at a token to see how it was drawn (issue 15)")
+    overwrite: bool = setting(False, "let --explain_file, --plot and --html replace existing "
+                                     "files (by default an existing file is an error)")
 
     def __post_init__(self):
         # Validation at the edge: each check raises ValueError("name=value: what is allowed"),
@@ -460,6 +462,7 @@ class SampleSettings:
                f"must be >= 0 and < num_samples ({self.num_samples})")
         _check(self.explain_top >= 1, "explain_top", self.explain_top, "must be an integer >= 1")
         _check(self.explain_file != "", "explain_file", "''", "must be a file path, or None")
+        _check(self.html != "", "html", "''", "must be a file path, or None")
         if self.plot is not None:
             _check(os.path.splitext(self.plot)[1].lower() in _PLOT_SUFFIXES, "plot", self.plot,
                    "must be a file path ending in .png, .svg or .pdf")
@@ -474,7 +477,8 @@ class SampleSettings:
     @property
     def explaining(self):
         """Whether any explain output (issue 4) was asked for."""
-        return self.explain or self.explain_file is not None or self.plot is not None
+        return (self.explain or self.explain_file is not None or self.plot is not None
+                or self.html is not None)
 
     def logit_bias_pairs(self):
         """`logit_bias` as ((token_id, bias), ...)."""
