@@ -27,6 +27,7 @@ import unicodedata
 import torch
 
 from nanosample import sampling
+from nanosample.sampler_settings import NUMBERS
 
 SCHEMA_VERSION = 1
 
@@ -204,11 +205,7 @@ def explain_rows(trace, tokenizer, rows, top=10):
             "sample": int(trace.samples[r]),
             "step": int(trace.step),
             "position": int(trace.position),
-            "settings": {"temperature": float(s.temperature), "top_k": int(s.top_k),
-                         "top_p": float(s.top_p), "min_p": float(s.min_p),
-                         "repetition_penalty": float(s.repetition_penalty),
-                         "frequency_penalty": float(s.frequency_penalty),
-                         "presence_penalty": float(s.presence_penalty)},
+            "settings": {n.name: type(n.off)(getattr(s, n.name)) for n in NUMBERS},
             "greedy": greedy,
             "bias_or_penalties": adjusting[i],
             "u": None if greedy or math.isnan(u) else u,
