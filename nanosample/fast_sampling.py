@@ -373,7 +373,10 @@ class _Buckets:
         # the reference's softmax; exp(x) as 2^(x log2 e), twice as fast in float64 on our CPU,
         # differing in the last bits only, as two orders of summation do.
         weights = self._buffer("weights", (R, V), torch.float64).copy_(logits)
-        torch.add(top.double() * -LOG2_E, weights, alpha=LOG2_E, out=weights).exp2_()
+        if bool((top.abs() < 2**20).all()):
+            torch.add(top.double() * -LOG2_E, weights, alpha=LOG2_E, out=weights).exp2_()
+        else:  # the fused form's rounding grows with |top| (a bias of 1e38 makes it inf)
+            weights.sub_(top.double()).mul_(LOG2_E).exp2_()
         min_p_relative = None
         if params.uses_min_p:
             min_p_relative = torch.exp(shifted)                          # as apply_min_p, float32
