@@ -72,8 +72,10 @@ candidates             list        the top explain_top tokens by final probabili
   p_tempered           float|null  softmax of the adjusted logits / temperature, whole vocabulary;
                                    null when greedy
   top_k                bool|null   kept by top-k; null when top-k is off or greedy
-  top_p                bool|null   kept by top-p (on what top-k left); null when off or greedy
-  min_p                bool|null   kept by min-p; null when off or greedy
+  top_p                bool|null   kept by top-p, which sees what top-k left (false for a token
+                                   top-k dropped); null when off or greedy
+  min_p                bool|null   kept by min-p and by the filters before it (false for a token
+                                   top-k or top-p dropped); null when off or greedy
   penalized            bool|null   the penalties changed its logit; null when no penalty is on
   kept                 bool        survived every filter, so it could be drawn
   q                    float       final probability: softmax over the kept tokens; 0 if dropped
