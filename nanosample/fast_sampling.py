@@ -44,6 +44,7 @@ class _Plan:
         self.uses_top_k = any(0 < r.top_k < V for r in rows)
         self.k_max = max(r.top_k for r in rows) if self.uses_top_k else 0
         self.all_unit_temperature = all(r.temperature in (0, 1) for r in rows)
+        self.min_temperature = min(r.temperature or 1.0 for r in rows)  # greedy rows: 1
         # Rows without top-k (and not greedy) may keep more tokens than any window holds;
         # `_Buckets` settles them.
         self.wide = torch.tensor([not r.greedy and not 0 < r.top_k < V for r in rows],
@@ -87,8 +88,10 @@ def sample_step(adjusted, params, u, window=256, candidates=True):
 # ----------------------------------------------------------------------------------------------
 # A window of each row's best tokens
 
-def _ranked_window(logits, width, scratch=None):
-    """The `width` largest logits of each row, descending, ties by ascending id."""
+def _ranked_window(logits, width, scratch=None, lowest_ties=True):
+    """The `width` largest logits of each row, descending, ties by ascending id. Where one tie
+    group fills a window, its lowest ids when `lowest_ties` (greedy takes the lowest), else any
+    of its members (a row whose kept tokens reach the window's edge is listed whole later)."""
     if width >= logits.shape[-1]:
         values, ids = logits.sort(dim=-1, descending=True, stable=True)  # ids ascend within ties
         return values, ids
@@ -97,10 +100,9 @@ def _ranked_window(logits, width, scratch=None):
         return window
     values, ids = logits.topk(width, dim=-1)                             # (B, M), tie order unknown
     values, ids = _rank(values, ids)
-    # Where one tie group fills the window, topk took any `width` of its members; a stable
-    # sort puts its lowest ids first (greedy's choice is the lowest), so take those.
-    for r in (values[:, -1] == values[:, 0]).nonzero().flatten().tolist():
-        ids[r] = (logits[r] == values[r, 0]).nonzero().flatten()[:width]
+    if lowest_ties:  # topk took any `width` members of a tie group that fills the window
+        for r in (values[:, -1] == values[:, 0]).nonzero().flatten().tolist():
+            ids[r] = (logits[r] == values[r, 0]).nonzero().flatten()[:width]
     return values, ids
 
 
@@ -224,8 +226,9 @@ def _filter_window(values, params):
         kept_min_p = (m <= 0) | (torch.exp(values - values[:, :1]) >= m)
 
     kept_top_k, kept_top_p, kept_min_p = _in_order(values, kept_top_k, kept_top_p, kept_min_p)
-    kept = kept_min_p.clone()
+    kept = kept_min_p
     if params.any_greedy:
+        kept = kept.clone()
         kept[params.greedy, 1:] = False  # greedy keeps only the best token, the lowest id among ties
 
     # The window proves its answer when its last token is dropped and top-k's threshold
@@ -263,7 +266,7 @@ def _listed(logits, params, window, u=None, tempered=False):
     so the window of the tempered logits is the window of these, tempered.
     """
     width = min(params.vocab_size, max(window, params.k_max + 1))
-    values, ids = _ranked_window(logits, width, params.scratch)           # (B, M)
+    values, ids = _ranked_window(logits, width, params.scratch, params.any_greedy)  # (B, M)
     if not tempered:
         values, ids = _temper_window(values, ids, params)
     verdicts, sure, kth = _filter_window(values, params)
@@ -292,17 +295,19 @@ def _listed(logits, params, window, u=None, tempered=False):
     return candidates, tokens, ranks
 
 
-def _temper(logits, params, rows=None):
-    """Step 5 for the rows `rows` of the batch (all by default): l / T, greedy rows by 1."""
+def _temper(logits, params, rows=None, ranked=False):
+    """Step 5 for the rows `rows` of the batch (all by default): l / T, greedy rows by 1.
+    `ranked`: each row is sorted, descending (a window)."""
     if params.all_unit_temperature:
         return logits  # T = 1 changes nothing, bit for bit
     temperature = params.safe_temperature
-    return sampling.apply_temperature(logits, temperature if rows is None else temperature[rows])
+    return sampling.apply_temperature(logits, temperature if rows is None else temperature[rows],
+                                      ranked=ranked, may_overflow=params.min_temperature < 1)
 
 
 def _temper_window(values, ids, params):
     """Ranked windows (B, M) of logits before temperature, tempered and still ranked."""
-    tempered = _temper(values, params)
+    tempered = _temper(values, params, ranked=True)
     if tempered is values:
         return values, ids
     # Division keeps the order but may round two neighbours to one value; their tie is then

@@ -115,16 +115,18 @@ def greedy_tokens(logits):
     return logits.argmax(dim=-1)
 
 
-def apply_temperature(logits, temperature):
+def apply_temperature(logits, temperature, ranked=False, may_overflow=True):
     """l / T, with T (B, 1) > 0: T < 1 sharpens, T > 1 flattens, T = 1 is exact. (B, V) -> (B, V)
 
     A tiny T can push l / T past float32's range; such rows are shifted first, (l - max l) / T,
     which changes neither q nor any filter's choice (the row's best logit becomes 0).
+    `ranked`: rows sorted in descending order, so the first column is the largest;
+    `may_overflow=False` (every T >= 1) skips the check.
     """
     tempered = logits / temperature
-    if bool(torch.as_tensor(temperature).min() < 1):  # only T < 1 can overflow
-        top = logits.amax(dim=-1, keepdim=True)                           # (B, 1)
-        overflow = torch.isposinf(top / temperature)                      # (B, 1)
+    if may_overflow:
+        top = logits[:, :1] if ranked else logits.amax(dim=-1, keepdim=True)  # (B, 1)
+        overflow = torch.isposinf(tempered[:, :1] if ranked else top / temperature)
         if bool(overflow.any()):
             tempered = torch.where(overflow, (logits - top) / temperature, tempered)
     return tempered
@@ -308,9 +310,12 @@ def sample_step(logits, params, generators, n_valid, seen=None, counts=None, win
         logits = apply_repetition_penalty(logits, seen, params.repetition_penalty)
         logits = apply_frequency_presence(logits, counts, params.frequency_penalty,
                                           params.presence_penalty)
-    u = torch.full((len(params),), math.nan, dtype=torch.float64, device=logits.device)
-    if not params.all_greedy:
-        u = draw_uniforms(generators, logits.device).masked_fill(params.greedy, math.nan)
+    if params.all_greedy:                                                        # no draw
+        u = torch.full((len(params),), math.nan, dtype=torch.float64, device=logits.device)
+    else:
+        u = draw_uniforms(generators, logits.device)
+        if params.any_greedy:
+            u = u.masked_fill(params.greedy, math.nan)
 
     if use_fast_path(params) if fast is None else fast:
         tokens, ranks, listed = fast_sampling.sample_step(logits, params, u, window, candidates)
