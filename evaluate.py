@@ -48,8 +48,8 @@ import time
 import tomllib
 from dataclasses import dataclass, field, fields
 
-# `setting` is also a flag's name below, so the field helper goes by another name here
 from nanosample.sampler_settings import NUMBERS
+# `setting` is also a flag's name below, so the field helper goes by another name here
 from nanosample.settings import HelpRequested, SettingsError, parse_settings
 from nanosample.settings import setting as option
 
