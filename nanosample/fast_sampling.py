@@ -26,6 +26,7 @@ from nanosample import sampling
 
 NEG_INF = float("-inf")
 LOG2_E = 1 / math.log(2)
+FILTERS = ("top_k", "top_p", "min_p")  # the filters of sampling.FILTERS this module applies
 
 
 class _Plan:

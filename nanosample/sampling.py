@@ -285,9 +285,11 @@ READABLE_MAX_VOCAB = 192
 
 
 def use_fast_path(params):
-    """Whether `fast_sampling` runs this batch. It depends on the vocabulary alone, so a
-    sample's tokens never depend on how samples are batched (SAMPLING.md §4)."""
-    return params.vocab_size > READABLE_MAX_VOCAB
+    """Whether `fast_sampling` runs this batch: by the vocabulary's size alone, so a sample's
+    tokens never depend on how samples are batched (SAMPLING.md §4), unless a filter the fast
+    path does not know yet is on (a new one runs here until fast_sampling learns it)."""
+    unknown = any(params.on.get(name) for name, _ in FILTERS if name not in fast_sampling.FILTERS)
+    return params.vocab_size > READABLE_MAX_VOCAB and not unknown
 
 
 def sample_step(logits, params, generators, n_valid, seen=None, counts=None, window=256,

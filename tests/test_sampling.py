@@ -512,6 +512,22 @@ def test_the_shipped_vocabulary_runs_the_readable_path_and_gpt2s_the_fast_one():
     assert sampling.use_fast_path(BatchParams([SamplingParams()], 50304))
 
 
+def test_a_filter_the_fast_path_lacks_runs_on_the_readable_path(monkeypatch):
+    # Adding a filter is one function and one line in FILTERS: until fast_sampling learns
+    # it, every batch that uses it runs the readable path, so its tokens are still right.
+    def apply_keep_even_ids(logits, on):                      # a stand-in new filter
+        odd = torch.arange(logits.shape[-1]) % 2 == 1
+        return logits.masked_fill(odd & (torch.as_tensor(on) > 0), NEG_INF)
+    monkeypatch.setattr(sampling, "FILTERS", sampling.FILTERS + (("even", apply_keep_even_ids),))
+    params = BatchParams([SamplingParams()] * 3, 5000)
+    assert sampling.use_fast_path(params)                      # not used: the fast path runs
+    params.on["even"], params.even = True, torch.ones(3, 1)
+    assert not sampling.use_fast_path(params)
+    raw = torch.randn(3, 5000, generator=torch.Generator().manual_seed(0))
+    step = sample_step(raw, params, [torch.Generator().manual_seed(i) for i in range(3)], 5000)
+    assert (step.tokens % 2 == 0).all() and (step.candidates.kept.sum(-1) == 2500).all()
+
+
 @pytest.mark.parametrize("V", [65, 3000])
 def test_generated_text_is_the_same_on_either_path(V, monkeypatch):
     # The whole generate loop, with the path forced each way: the same tokens per sample.
