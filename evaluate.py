@@ -48,6 +48,7 @@ import time
 import tomllib
 from dataclasses import dataclass, field, fields
 
+from nanosample.sampler_settings import NUMBERS
 # `setting` is also a flag's name below, so the field helper goes by another name here
 from nanosample.settings import HelpRequested, SettingsError, parse_settings
 from nanosample.settings import setting as option
@@ -57,8 +58,8 @@ DESCRIPTION = ("Sweep decoding settings and measure each as Holtzman et al. do: 
                "human continuation of the same held-out prompts.")
 OUTPUT_FILES = ("sweep.md", "sweep.csv", "sweep.png", "samples.jsonl")
 VAL_FRACTION = 0.1  # the last 10 % of the corpus is held out (train.py's and nanoGPT's split)
-SWEEP_KEYS = ("temperature", "top_k", "top_p", "min_p", "repetition_penalty",
-              "frequency_penalty", "presence_penalty")
+SWEEP_KEYS = tuple(s.name for s in NUMBERS)  # the sampler's numbers (sampler_settings.SETTINGS)
+INTEGER_KEYS = tuple(s.name for s in NUMBERS if isinstance(s.off, int))
 HUMAN = "human"
 # The table's columns: (key, heading, format)
 COLUMNS = (
@@ -155,10 +156,10 @@ def _sampling_params(values, where):
             hint = f"; did you mean '{close[0]}'?" if close else f"; known: {', '.join(SWEEP_KEYS)}"
             raise SettingsError(f"{where}: unknown key '{key}'{hint}")
     values = dict(values)
-    for key in ("temperature", "top_p", "min_p", "repetition_penalty", "frequency_penalty",
-                "presence_penalty"):
-        if isinstance(values.get(key), int) and not isinstance(values[key], bool):
-            values[key] = float(values[key])  # TOML's `temperature = 1` is an int
+    for s in NUMBERS:
+        if isinstance(s.off, float) and isinstance(values.get(s.name), int) \
+                and not isinstance(values[s.name], bool):
+            values[s.name] = float(values[s.name])  # TOML's `temperature = 1` is an int
     try:
         return sampling.SamplingParams(**values)
     except ValueError as e:
@@ -175,7 +176,7 @@ def parse_inline_setting(text):
             raise ValueError(f"setting={text}: must be key=value pairs separated by commas, e.g. "
                              f"temperature=0.7,top_k=40")
         try:
-            number = float(value) if key != "top_k" else int(value)
+            number = int(value) if key in INTEGER_KEYS else float(value)
         except ValueError:
             raise ValueError(f"setting={text}: {key}: expected a number, got {value.strip()!r}") \
                 from None

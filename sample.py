@@ -180,16 +180,15 @@ def encode_prompt(prompt, flag, tokenizer, block_size):
 
 def sampler_params_for(settings, tokenizer):
     """The validated SamplingParams, with --ban and --logit_bias ids checked against the vocabulary."""
-    from nanosample import sampling
+    from nanosample.sampler_settings import check_token_ids
 
     params = settings.sampling_params()
     if len({i for i in params.banned_ids if i < tokenizer.n_vocab}) == tokenizer.n_vocab:
         raise SettingsError(f"--ban: every one of this model's {tokenizer.n_vocab} tokens is banned")
     try:
-        sampling.check_token_ids(params, tokenizer.n_vocab)
-    except ValueError as e:
-        message = str(e).replace("banned_ids=", "ban=", 1)  # the sampler's name for --ban
-        raise SettingsError(f"--{message}") from None
+        check_token_ids(params, tokenizer.n_vocab)
+    except ValueError as e:  # "ban=60000: ...": the error names the flag
+        raise SettingsError(f"--{e}") from None
     return params
 
 

@@ -3,6 +3,8 @@
 The modules, in the order a reader meets them:
     model      GPT-2 (nanoGPT's names) with an explicit KV cache
     sampling   the sampler: temperature -> top-k -> top-p -> min-p -> draw
+    sampler_settings  the sampler's settings, declared once (flags, checks, help)
+    fast_sampling     the same sampler, exact and fast on large vocabularies (windows, buckets)
     generate   the loop: prefill, then decode token by token, streaming text
     loader     checkpoints: Hugging Face safetensors, nanoGPT ckpt.pt, the shipped model
     tokenizer  GPT-2's BPE (files shipped in assets/) and character vocabularies

@@ -27,6 +27,7 @@ import unicodedata
 import torch
 
 from nanosample import sampling
+from nanosample.sampler_settings import NUMBERS
 
 SCHEMA_VERSION = 1
 
@@ -71,8 +72,10 @@ candidates             list        the top explain_top tokens by final probabili
   p_tempered           float|null  softmax of the adjusted logits / temperature, whole vocabulary;
                                    null when greedy
   top_k                bool|null   kept by top-k; null when top-k is off or greedy
-  top_p                bool|null   kept by top-p (on what top-k left); null when off or greedy
-  min_p                bool|null   kept by min-p; null when off or greedy
+  top_p                bool|null   kept by top-p, which sees what top-k left (false for a token
+                                   top-k dropped); null when off or greedy
+  min_p                bool|null   kept by min-p and by the filters before it (false for a token
+                                   top-k or top-p dropped); null when off or greedy
   penalized            bool|null   the penalties changed its logit; null when no penalty is on
   kept                 bool        survived every filter, so it could be drawn
   q                    float       final probability: softmax over the kept tokens; 0 if dropped
@@ -204,11 +207,7 @@ def explain_rows(trace, tokenizer, rows, top=10):
             "sample": int(trace.samples[r]),
             "step": int(trace.step),
             "position": int(trace.position),
-            "settings": {"temperature": float(s.temperature), "top_k": int(s.top_k),
-                         "top_p": float(s.top_p), "min_p": float(s.min_p),
-                         "repetition_penalty": float(s.repetition_penalty),
-                         "frequency_penalty": float(s.frequency_penalty),
-                         "presence_penalty": float(s.presence_penalty)},
+            "settings": {n.name: type(n.off)(getattr(s, n.name)) for n in NUMBERS},
             "greedy": greedy,
             "bias_or_penalties": adjusting[i],
             "u": None if greedy or math.isnan(u) else u,

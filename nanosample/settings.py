@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import ast
 import difflib
-import math
 import os
 import re
 import sys
@@ -28,6 +27,9 @@ import tomllib
 import types
 import typing
 from dataclasses import dataclass, field, fields
+
+from nanosample.sampler_settings import SETTINGS as SAMPLER_SETTINGS
+from nanosample.sampler_settings import SamplingParams, parse_logit_bias, sampler_fields  # noqa: F401
 
 
 class SettingsError(ValueError):
@@ -376,8 +378,10 @@ _PLOT_SUFFIXES = (".png", ".svg", ".pdf")
 
 
 @dataclass(frozen=True)
+@sampler_fields(SAMPLER_SETTINGS, as_flags=True, after="max_new_tokens")  # --temperature ... --ban
 class SampleSettings:
-    """Everything `sample.py` reads. nanoGPT's flags keep nanoGPT's names, meanings and defaults."""
+    """Everything `sample.py` reads. nanoGPT's flags keep nanoGPT's names, meanings and defaults.
+    The sampler's flags come from their one declaration, sampler_settings.SETTINGS."""
     # what to load and what to start from (nanoGPT)
     init_from: str = setting("shakespeare_char",
         "what to load: gpt2, gpt2-medium, gpt2-large, gpt2-xl (downloaded from the Hugging Face "
@@ -391,23 +395,6 @@ class SampleSettings:
         "Each sample is printed with its prompt, as nanoGPT does")
     num_samples: int = setting(10, "how many samples to draw")
     max_new_tokens: int = setting(500, "tokens to generate per sample (fewer if a stop ends it)")
-    # the sampler (SAMPLING.md): applied in this order: bias/bans, penalties, temperature, top-k, top-p, min-p
-    temperature: float = setting(0.8, "divide the logits by this; 0 = greedy (argmax), 1 = unchanged")
-    top_k: int | None = setting(200, "keep only the k most likely tokens (ties kept); 0 or None = off")
-    top_p: float = setting(1.0, "nucleus sampling: keep the smallest set of most likely tokens "
-                                "whose probability reaches p (0 < p <= 1); 1 = off")
-    min_p: float = setting(0.0, "keep tokens with probability >= min_p * the top probability "
-                                "(0 <= m <= 1); 0 = off")
-    repetition_penalty: float = setting(1.0,
-        "Hugging Face's: logits of tokens already in the prompt or output are divided by it "
-        "(multiplied when negative); > 0, 1 = off")
-    frequency_penalty: float = setting(0.0, "OpenAI's: subtract this times each token's count "
-                                            "in the output so far; -2 to 2, 0 = off")
-    presence_penalty: float = setting(0.0, "OpenAI's: subtract this from every token already in "
-                                           "the output; -2 to 2, 0 = off")
-    logit_bias: str | None = setting(None, "add a bias to some token ids' logits, e.g. "
-                                           "50256:-100,198:2.5; None = none")
-    ban: tuple[int, ...] = setting((), "token ids that are never generated, e.g. --ban=50256,198")
     seed: int = setting(1337, "random seed; sample i of seed s is the same text however the "
                               "samples are batched")
     # stopping and batching
@@ -444,8 +431,6 @@ class SampleSettings:
     def __post_init__(self):
         # Validation at the edge: each check raises ValueError("name=value: what is allowed"),
         # which parse_settings prefixes with the flag or config file that set the value.
-        # The sampler's values last: checking them imports torch, which the other mistakes
-        # need not wait for.
         _check(self.num_samples >= 1, "num_samples", self.num_samples, "must be an integer >= 1")
         _check(self.max_new_tokens >= 0, "max_new_tokens", self.max_new_tokens,
                "must be an integer >= 0")
@@ -469,9 +454,6 @@ class SampleSettings:
             _check(0 <= self.plot_step < max(self.max_new_tokens, 1), "plot_step", self.plot_step,
                    f"must be >= 0 and < max_new_tokens ({self.max_new_tokens})")
         _check(self.plot_step >= 0, "plot_step", self.plot_step, "must be an integer >= 0")
-        for token in self.ban:  # named as our flag is (the sampler calls them banned_ids)
-            _check(token >= 0, "ban", token, "token ids must be >= 0")
-        self.logit_bias_pairs()
         self.sampling_params()
 
     @property
@@ -480,45 +462,16 @@ class SampleSettings:
         return (self.explain or self.explain_file is not None or self.plot is not None
                 or self.html is not None)
 
-    def logit_bias_pairs(self):
-        """`logit_bias` as ((token_id, bias), ...)."""
-        return parse_logit_bias(self.logit_bias)
-
     def sampling_params(self):
-        """The sampler's settings for every sample, as a `sampling.SamplingParams`.
+        """The sampler's settings for every sample, as a `SamplingParams`.
 
         Building it runs the sampler's own checks (SAMPLING.md §3), so the rules live in one
         place: ValueError("top_p=1.5: must be ...").
         """
-        from nanosample import sampling  # imports torch: deferred so that a mistyped flag is reported at once
-        return sampling.SamplingParams(
-            temperature=self.temperature, top_k=0 if self.top_k is None else self.top_k,
-            top_p=self.top_p, min_p=self.min_p, repetition_penalty=self.repetition_penalty,
-            frequency_penalty=self.frequency_penalty, presence_penalty=self.presence_penalty,
-            logit_bias=self.logit_bias_pairs(), banned_ids=tuple(sorted(set(self.ban))))
+        return SamplingParams(**{s.name: s.param(getattr(self, s.flag_name))
+                                 for s in SAMPLER_SETTINGS})
 
 
 def _check(ok, name, value, allowed):
     if not ok:
         raise ValueError(f"{name}={value}: {allowed}")
-
-
-def parse_logit_bias(text):
-    """"50256:-100,198:2.5" -> ((50256, -100.0), (198, 2.5)); None -> ()."""
-    if text is None:
-        return ()
-    allowed = "must be ID:BIAS pairs separated by commas, e.g. 50256:-100,198:2.5"
-    pairs, seen = [], set()
-    for part in text.split(","):
-        token, colon, bias = part.strip().partition(":")
-        try:
-            token_id, value = int(token), float(bias)
-        except ValueError:
-            raise ValueError(f"logit_bias={text}: {allowed}") from None
-        _check(colon and token_id >= 0, "logit_bias", text, allowed + " (ids >= 0)")
-        _check(math.isfinite(value), "logit_bias", text,
-               "each bias must be a finite number (use --ban to ban a token)")
-        _check(token_id not in seen, "logit_bias", text, f"token id {token_id} is given twice")
-        seen.add(token_id)
-        pairs.append((token_id, value))
-    return tuple(pairs)
