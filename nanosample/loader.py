@@ -31,6 +31,14 @@ transformers is never imported here (it is a test dependency only).
 
 Every failure a user can cause is a CheckpointError whose message is one line naming the file
 or model name and what to do.
+
+Nothing read from a file is trusted, and each failure comes before its cost: every config value
+is checked (types, ranges, n_embd a multiple of n_head, the size limits below and the parameter
+count they imply, then that count against the device's memory) before a model is built; JSON
+and meta.pkl are read only from regular files of bounded size; a torch.save zip is checked for
+compressed records (a zip bomb) before torch reads it, then memory-mapped; meta.pkl's unpickler
+builds plain values only and never from a size argument; every weight must be a dense float
+tensor, and finite once cast (NaN weights are refused here, not met as NaN logits mid-run).
 """
 
 import contextlib
@@ -576,10 +584,11 @@ def _download_hf(name):
 
     repo = f"{HF_REPO_OWNER}/{name}"
     try:
-        with _hub_quietly(progress=False):  # config.json: tiny, no progress bar
+        # config.json first, quietly: offline, this is where it fails, and it must fail at once
+        with _hub_quietly():
             config = huggingface_hub.hf_hub_download(repo_id=repo, filename="config.json")
-        with _hub_quietly(progress=True):
-            weights = huggingface_hub.hf_hub_download(repo_id=repo, filename="model.safetensors")
+        # the hub answered: the weights download as usual, with its progress bar and retries
+        weights = huggingface_hub.hf_hub_download(repo_id=repo, filename="model.safetensors")
     except Exception as e:  # offline, DNS, HTTP errors, a full disk: all end the same way
         if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on"):
             reason = "HF_HUB_OFFLINE is set and the files are not in the local cache"
@@ -598,9 +607,9 @@ def _download_hf(name):
 
 
 @contextlib.contextmanager
-def _hub_quietly(progress):
-    """huggingface_hub without its warnings, without its retries and, unless `progress`, without
-    its progress bars: a failure is our one error line, at once.
+def _hub_quietly():
+    """huggingface_hub without its warnings, retries and progress bars, so that a failure is our
+    one error line, at once.
 
     When a file's first metadata request fails and the file is not cached, hf_hub_download
     requests it again with up to five retries and a growing wait, logging a warning for each:
@@ -608,28 +617,27 @@ def _hub_quietly(progress):
     module checks the error against two tuples, emptied here while we call it (where this
     version has them; elsewhere the logging is silenced all the same).
     """
-    from huggingface_hub import file_download
-    from huggingface_hub.utils import logging as hub_logging
-    from huggingface_hub.utils import are_progress_bars_disabled, disable_progress_bars, enable_progress_bars
+    from huggingface_hub import file_download, utils
 
     retry_names = [n for n in ("_DEFAULT_RETRY_ON_EXCEPTIONS", "_DEFAULT_RETRY_ON_STATUS_CODES")
                    if isinstance(getattr(file_download, n, None), tuple)]
     saved = {n: getattr(file_download, n) for n in retry_names}
-    verbosity = hub_logging.get_verbosity()
-    bars_were_off = are_progress_bars_disabled()
-    try:
-        for n in retry_names:
-            setattr(file_download, n, ())
-        hub_logging.set_verbosity_error()
-        if not progress:
-            disable_progress_bars()
-        yield
-    finally:
-        for n, v in saved.items():
-            setattr(file_download, n, v)
-        hub_logging.set_verbosity(verbosity)
-        if not progress and not bars_were_off:
-            enable_progress_bars()
+    verbosity = utils.logging.get_verbosity()
+    bars_were_off = utils.are_progress_bars_disabled()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # e.g. "cannot disable progress bars" when the env forbids
+        try:
+            for n in retry_names:
+                setattr(file_download, n, ())
+            utils.logging.set_verbosity_error()
+            utils.disable_progress_bars()
+            yield
+        finally:
+            for n, v in saved.items():
+                setattr(file_download, n, v)
+            utils.logging.set_verbosity(verbosity)
+            if not bars_were_off:
+                utils.enable_progress_bars()
 
 
 def _first_sentence(exc, limit=160):
