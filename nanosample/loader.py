@@ -283,8 +283,8 @@ def _check_finite(t, name, dtype, source):
     """
     lo, hi = torch.aminmax(t)
     if not (torch.isfinite(lo) and torch.isfinite(hi)).item():
-        hint = (" in float16, whose largest value is 65504: load it in float32 or bfloat16"
-                if dtype == torch.float16 else "; the checkpoint is damaged (a diverged training run?)")
+        hint = ("; the checkpoint is damaged (a diverged training run?)" if dtype != torch.float16
+                else " in float16, whose largest value is 65504: load it in float32 or bfloat16")
         raise CheckpointError(f"{source}: {name} holds NaN or infinite values{hint}")
 
 
@@ -498,7 +498,8 @@ def _check_regular_file(path):
     except FileNotFoundError:
         raise CheckpointError(f"{path}: not found") from None
     except (OSError, ValueError) as e:
-        raise CheckpointError(f"{path}: cannot read it ({getattr(e, 'strerror', None) or e})") from None
+        reason = getattr(e, "strerror", None) or e
+        raise CheckpointError(f"{path}: cannot read it ({reason})") from None
     if not stat.S_ISREG(mode):
         raise CheckpointError(f"{path}: not a regular file (a folder, FIFO or device)")
 
@@ -653,8 +654,8 @@ def _hf_gpt_config(hf, source):
         raise CheckpointError(f"{source}: model_type {_short(hf.get('model_type'))} is not GPT-2")
     activation = hf.get("activation_function", "gelu_new")
     if not isinstance(activation, str) or activation not in HF_GELU:
-        raise CheckpointError(f"{source}: activation_function {_short(activation)} is not supported "
-                              f"(only {', '.join(HF_GELU)})")
+        raise CheckpointError(f"{source}: activation_function {_short(activation)} is not "
+                              f"supported (only {', '.join(HF_GELU)})")
     n_embd = hf.get("n_embd", 768)
     unsupported = [
         ("n_inner", hf.get("n_inner") not in (None, 4 * n_embd if isinstance(n_embd, int) else None)),
@@ -716,8 +717,9 @@ def _load_hf_dir(directory, device, dtype, hf_config=None):
     else:
         raise CheckpointError(f"{directory}: config.json is here but no weights; expected "
                               f"model.safetensors or pytorch_model.bin beside it")
-    if not isinstance(raw, dict) or not all(isinstance(k, str) and isinstance(v, (torch.Tensor, _SafetensorsTensor))
-                                            for k, v in raw.items()):
+    if not isinstance(raw, dict) or not all(
+            isinstance(k, str) and isinstance(v, (torch.Tensor, _SafetensorsTensor))
+            for k, v in raw.items()):
         raise CheckpointError(f"{weights}: not a state dict of tensors")
     model = _build_model(config, _hf_state_dict(raw), device, dtype, weights)
     return Loaded(model, _gpt2_tokenizer(config, weights), f"{directory} (Hugging Face GPT-2)")

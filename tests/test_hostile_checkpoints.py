@@ -534,3 +534,42 @@ def test_sample_py_end_to_end(tmp_path):
     # also make a request of its own in the background; only the file's are counted)
     asked = [r for r in server.requests if "/openai-community/gpt2/" in r]
     assert asked == ["HEAD /openai-community/gpt2/resolve/main/config.json HTTP/1.1"], server.requests
+
+
+# ----------------------------------------------------------------------------- no code runs
+
+class _Exploit:
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+@pytest.mark.parametrize("fmt", ["zip", "legacy", "raw-pickle"])
+def test_ckpt_pt_with_pickled_code_is_refused_in_every_format(tmp_path, fmt):
+    marker = tmp_path / "pwned"
+    ckpt = {"model": {}, "model_args": {}, "x": _Exploit(marker)}
+    path = tmp_path / "ckpt.pt"
+    if fmt == "raw-pickle":
+        path.write_bytes(pickle.dumps(ckpt, protocol=2))
+    else:
+        torch.save(ckpt, path, _use_new_zipfile_serialization=fmt == "zip")
+    with pytest.raises(CheckpointError, match=r"ckpt.pt: (refused|cannot read)"):
+        load_model(str(path))
+    assert not marker.exists(), "the pickled command ran"
+
+
+def test_legacy_format_ckpt_still_loads(tmp_path):
+    # the pre-1.6 format cannot be memory-mapped; it is read whole, after torch's size checks
+    gpt = tiny_gpt(bias=False, gelu="exact")
+    cfg = gpt.config
+    args = dict(n_layer=cfg.n_layer, n_head=cfg.n_head, n_embd=cfg.n_embd,
+                block_size=cfg.block_size, bias=False, vocab_size=cfg.vocab_size)
+    torch.save({"model": gpt.state_dict(), "model_args": args}, tmp_path / "ckpt.pt",
+               _use_new_zipfile_serialization=False)
+    (tmp_path / "meta.pkl").write_bytes(pickle.dumps({"itos": dict(enumerate(CHARS))}))
+    loaded = load_model(str(tmp_path))
+    idx = torch.tensor([[1, 2, 3]])
+    with torch.no_grad():
+        assert torch.equal(loaded.model(idx), gpt(idx))
