@@ -369,12 +369,17 @@ SIZE_LIMITS = {"block_size": MAX_BLOCK_SIZE, "vocab_size": MAX_VOCAB, "n_layer":
                "n_head": MAX_EMBD, "n_embd": MAX_EMBD}
 
 
-def _config_from_dict(values, source, **overrides):
+def _config_from_dict(values, source, file_names=None, **overrides):
     """GPTConfig from a dict of its fields; unknown or bad values are a CheckpointError.
 
     Every value is checked here, before any model is built: types, ranges, n_embd a multiple of
     n_head, and the parameter count the sizes imply, so an absurd config fails at once.
+    Messages name a field as the file does: `file_names` maps ours to the file's (block_size is
+    Hugging Face's n_positions).
     """
+    def name(f):
+        return (file_names or {}).get(f, f)
+
     names = {f.name for f in fields(GPTConfig)}
     unknown = sorted(str(k) for k in set(values) - names)
     if unknown:
@@ -384,16 +389,17 @@ def _config_from_dict(values, source, **overrides):
     for f, limit in SIZE_LIMITS.items():
         v = values[f]
         if not isinstance(v, int) or isinstance(v, bool) or not 1 <= v <= limit:
-            raise CheckpointError(f"{source}: model config {f}={_short(v)}: must be a positive "
-                                  f"integer, at most {limit} (no GPT-2-family model is larger)")
+            raise CheckpointError(f"{source}: model config {name(f)}={_short(v)}: must be a "
+                                  f"positive integer, at most {limit} (no GPT-2-family model is "
+                                  f"larger)")
     if values["n_embd"] % values["n_head"]:
         raise CheckpointError(f"{source}: model config n_embd={values['n_embd']} is not a multiple "
                               f"of n_head={values['n_head']}")
     eps = values["layer_norm_epsilon"]
     if (not isinstance(eps, (int, float)) or isinstance(eps, bool) or not math.isfinite(eps)
             or not 0 < eps < 1):
-        raise CheckpointError(f"{source}: model config layer_norm_epsilon={_short(eps)}: must be a "
-                              f"number between 0 and 1 (GPT-2's is 1e-5)")
+        raise CheckpointError(f"{source}: model config layer_norm_epsilon={_short(eps)}: must be "
+                              f"a number between 0 and 1 (GPT-2's is 1e-5)")
     if not isinstance(values["bias"], bool):
         raise CheckpointError(f"{source}: model config bias={_short(values['bias'])}: must be "
                               f"true or false")
@@ -678,7 +684,7 @@ def _hf_gpt_config(hf, source):
         gelu=HF_GELU[activation],
         layer_norm_epsilon=hf.get("layer_norm_epsilon", 1e-5),
     )
-    return _config_from_dict(values, source)
+    return _config_from_dict(values, source, file_names={"block_size": "n_positions"})
 
 
 def _hf_state_dict(raw):

@@ -236,7 +236,7 @@ CASES = [
     # --- finding 8: sizes checked before anything is allocated (fast here; see also BOMBS)
     ("n_embd-over-limit", lambda t: native_dir(t, model_field("n_embd", 2**17)), r"n_embd=131072: must be a positive integer, at most 65536"),
     ("vocab-over-limit", lambda t: hf_dir(t, setter("vocab_size", 2**20 + 1)), r"vocab_size=1048577: .* at most 1048576"),
-    ("block_size-over-limit", lambda t: hf_dir(t, setter("n_positions", 2**21)), r"block_size=2097152: .* at most 1048576"),
+    ("block_size-over-limit", lambda t: hf_dir(t, setter("n_positions", 2**21)), r"config.json: model config n_positions=2097152: .* at most 1048576"),
     ("parameters-over-limit", lambda t: native_dir(t, lambda c: c["model"].update(n_layer=1000, n_embd=65536, n_head=1)), r"describes 5.15e\+04 billion parameters, over the limit of 17.2 billion"),
 ]
 
