@@ -31,6 +31,14 @@ transformers is never imported here (it is a test dependency only).
 
 Every failure a user can cause is a CheckpointError whose message is one line naming the file
 or model name and what to do.
+
+Nothing read from a file is trusted, and each failure comes before its cost: every config value
+is checked (types, ranges, n_embd a multiple of n_head, the size limits below and the parameter
+count they imply, then that count against the device's memory) before a model is built; JSON
+and meta.pkl are read only from regular files of bounded size; a torch.save zip is checked for
+compressed records (a zip bomb) before torch reads it, then memory-mapped; meta.pkl's unpickler
+builds plain values only and never from a size argument; every weight must be a dense float
+tensor, and finite once cast (NaN weights are refused here, not met as NaN logits mid-run).
 """
 
 import contextlib
@@ -275,8 +283,8 @@ def _check_finite(t, name, dtype, source):
     """
     lo, hi = torch.aminmax(t)
     if not (torch.isfinite(lo) and torch.isfinite(hi)).item():
-        hint = (" in float16, whose largest value is 65504: load it in float32 or bfloat16"
-                if dtype == torch.float16 else "; the checkpoint is damaged (a diverged training run?)")
+        hint = ("; the checkpoint is damaged (a diverged training run?)" if dtype != torch.float16
+                else " in float16, whose largest value is 65504: load it in float32 or bfloat16")
         raise CheckpointError(f"{source}: {name} holds NaN or infinite values{hint}")
 
 
@@ -361,12 +369,17 @@ SIZE_LIMITS = {"block_size": MAX_BLOCK_SIZE, "vocab_size": MAX_VOCAB, "n_layer":
                "n_head": MAX_EMBD, "n_embd": MAX_EMBD}
 
 
-def _config_from_dict(values, source, **overrides):
+def _config_from_dict(values, source, file_names=None, **overrides):
     """GPTConfig from a dict of its fields; unknown or bad values are a CheckpointError.
 
     Every value is checked here, before any model is built: types, ranges, n_embd a multiple of
     n_head, and the parameter count the sizes imply, so an absurd config fails at once.
+    Messages name a field as the file does: `file_names` maps ours to the file's (block_size is
+    Hugging Face's n_positions).
     """
+    def name(f):
+        return (file_names or {}).get(f, f)
+
     names = {f.name for f in fields(GPTConfig)}
     unknown = sorted(str(k) for k in set(values) - names)
     if unknown:
@@ -376,16 +389,17 @@ def _config_from_dict(values, source, **overrides):
     for f, limit in SIZE_LIMITS.items():
         v = values[f]
         if not isinstance(v, int) or isinstance(v, bool) or not 1 <= v <= limit:
-            raise CheckpointError(f"{source}: model config {f}={_short(v)}: must be a positive "
-                                  f"integer, at most {limit} (no GPT-2-family model is larger)")
+            raise CheckpointError(f"{source}: model config {name(f)}={_short(v)}: must be a "
+                                  f"positive integer, at most {limit} (no GPT-2-family model is "
+                                  f"larger)")
     if values["n_embd"] % values["n_head"]:
         raise CheckpointError(f"{source}: model config n_embd={values['n_embd']} is not a multiple "
                               f"of n_head={values['n_head']}")
     eps = values["layer_norm_epsilon"]
     if (not isinstance(eps, (int, float)) or isinstance(eps, bool) or not math.isfinite(eps)
             or not 0 < eps < 1):
-        raise CheckpointError(f"{source}: model config layer_norm_epsilon={_short(eps)}: must be a "
-                              f"number between 0 and 1 (GPT-2's is 1e-5)")
+        raise CheckpointError(f"{source}: model config layer_norm_epsilon={_short(eps)}: must be "
+                              f"a number between 0 and 1 (GPT-2's is 1e-5)")
     if not isinstance(values["bias"], bool):
         raise CheckpointError(f"{source}: model config bias={_short(values['bias'])}: must be "
                               f"true or false")
@@ -490,7 +504,8 @@ def _check_regular_file(path):
     except FileNotFoundError:
         raise CheckpointError(f"{path}: not found") from None
     except (OSError, ValueError) as e:
-        raise CheckpointError(f"{path}: cannot read it ({getattr(e, 'strerror', None) or e})") from None
+        reason = getattr(e, "strerror", None) or e
+        raise CheckpointError(f"{path}: cannot read it ({reason})") from None
     if not stat.S_ISREG(mode):
         raise CheckpointError(f"{path}: not a regular file (a folder, FIFO or device)")
 
@@ -576,10 +591,11 @@ def _download_hf(name):
 
     repo = f"{HF_REPO_OWNER}/{name}"
     try:
-        with _hub_quietly(progress=False):  # config.json: tiny, no progress bar
+        # config.json first, quietly: offline, this is where it fails, and it must fail at once
+        with _hub_quietly():
             config = huggingface_hub.hf_hub_download(repo_id=repo, filename="config.json")
-        with _hub_quietly(progress=True):
-            weights = huggingface_hub.hf_hub_download(repo_id=repo, filename="model.safetensors")
+        # the hub answered: the weights download as usual, with its progress bar and retries
+        weights = huggingface_hub.hf_hub_download(repo_id=repo, filename="model.safetensors")
     except Exception as e:  # offline, DNS, HTTP errors, a full disk: all end the same way
         if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on"):
             reason = "HF_HUB_OFFLINE is set and the files are not in the local cache"
@@ -598,9 +614,9 @@ def _download_hf(name):
 
 
 @contextlib.contextmanager
-def _hub_quietly(progress):
-    """huggingface_hub without its warnings, without its retries and, unless `progress`, without
-    its progress bars: a failure is our one error line, at once.
+def _hub_quietly():
+    """huggingface_hub without its warnings, retries and progress bars, so that a failure is our
+    one error line, at once.
 
     When a file's first metadata request fails and the file is not cached, hf_hub_download
     requests it again with up to five retries and a growing wait, logging a warning for each:
@@ -608,28 +624,27 @@ def _hub_quietly(progress):
     module checks the error against two tuples, emptied here while we call it (where this
     version has them; elsewhere the logging is silenced all the same).
     """
-    from huggingface_hub import file_download
-    from huggingface_hub.utils import logging as hub_logging
-    from huggingface_hub.utils import are_progress_bars_disabled, disable_progress_bars, enable_progress_bars
+    from huggingface_hub import file_download, utils
 
     retry_names = [n for n in ("_DEFAULT_RETRY_ON_EXCEPTIONS", "_DEFAULT_RETRY_ON_STATUS_CODES")
                    if isinstance(getattr(file_download, n, None), tuple)]
     saved = {n: getattr(file_download, n) for n in retry_names}
-    verbosity = hub_logging.get_verbosity()
-    bars_were_off = are_progress_bars_disabled()
-    try:
-        for n in retry_names:
-            setattr(file_download, n, ())
-        hub_logging.set_verbosity_error()
-        if not progress:
-            disable_progress_bars()
-        yield
-    finally:
-        for n, v in saved.items():
-            setattr(file_download, n, v)
-        hub_logging.set_verbosity(verbosity)
-        if not progress and not bars_were_off:
-            enable_progress_bars()
+    verbosity = utils.logging.get_verbosity()
+    bars_were_off = utils.are_progress_bars_disabled()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # e.g. "cannot disable progress bars" when the env forbids
+        try:
+            for n in retry_names:
+                setattr(file_download, n, ())
+            utils.logging.set_verbosity_error()
+            utils.disable_progress_bars()
+            yield
+        finally:
+            for n, v in saved.items():
+                setattr(file_download, n, v)
+            utils.logging.set_verbosity(verbosity)
+            if not bars_were_off:
+                utils.enable_progress_bars()
 
 
 def _first_sentence(exc, limit=160):
@@ -645,8 +660,8 @@ def _hf_gpt_config(hf, source):
         raise CheckpointError(f"{source}: model_type {_short(hf.get('model_type'))} is not GPT-2")
     activation = hf.get("activation_function", "gelu_new")
     if not isinstance(activation, str) or activation not in HF_GELU:
-        raise CheckpointError(f"{source}: activation_function {_short(activation)} is not supported "
-                              f"(only {', '.join(HF_GELU)})")
+        raise CheckpointError(f"{source}: activation_function {_short(activation)} is not "
+                              f"supported (only {', '.join(HF_GELU)})")
     n_embd = hf.get("n_embd", 768)
     unsupported = [
         ("n_inner", hf.get("n_inner") not in (None, 4 * n_embd if isinstance(n_embd, int) else None)),
@@ -669,7 +684,7 @@ def _hf_gpt_config(hf, source):
         gelu=HF_GELU[activation],
         layer_norm_epsilon=hf.get("layer_norm_epsilon", 1e-5),
     )
-    return _config_from_dict(values, source)
+    return _config_from_dict(values, source, file_names={"block_size": "n_positions"})
 
 
 def _hf_state_dict(raw):
@@ -708,8 +723,9 @@ def _load_hf_dir(directory, device, dtype, hf_config=None):
     else:
         raise CheckpointError(f"{directory}: config.json is here but no weights; expected "
                               f"model.safetensors or pytorch_model.bin beside it")
-    if not isinstance(raw, dict) or not all(isinstance(k, str) and isinstance(v, (torch.Tensor, _SafetensorsTensor))
-                                            for k, v in raw.items()):
+    if not isinstance(raw, dict) or not all(
+            isinstance(k, str) and isinstance(v, (torch.Tensor, _SafetensorsTensor))
+            for k, v in raw.items()):
         raise CheckpointError(f"{weights}: not a state dict of tensors")
     model = _build_model(config, _hf_state_dict(raw), device, dtype, weights)
     return Loaded(model, _gpt2_tokenizer(config, weights), f"{directory} (Hugging Face GPT-2)")

@@ -130,21 +130,19 @@ def nanogpt_dir(tmp, args=None, model=None, meta=None, protocol=2):
 
 def test_bases_load(tmp_path):
     """Every base checkpoint loads, so each broken one below fails for its own reason."""
-    for make in (native_dir, hf_dir, nanogpt_dir,
-                 lambda t: hf_dir(t, index=lambda wm: {"metadata": {}, "weight_map": wm})):
-        d = tmp_path / make.__name__
-        d.mkdir(exist_ok=True)
-        if (d / "hf").exists():
-            d = tmp_path / "sharded"
-            d.mkdir()
-        loaded = load_model(make(d))
-        idx = torch.tensor([[1, 2, 3]])
+    bases = {"native": native_dir, "hf": hf_dir, "nanogpt": nanogpt_dir,
+             "hf-sharded": lambda t: hf_dir(t, index=lambda wm: {"metadata": {}, "weight_map": wm})}
+    for name, make in bases.items():
+        (tmp_path / name).mkdir()
+        loaded = load_model(make(tmp_path / name))
         with torch.no_grad():
-            assert torch.isfinite(loaded.model(idx)).all()
+            assert torch.isfinite(loaded.model(torch.tensor([[1, 2, 3]]))).all(), name
+    # the Hugging Face layout written here is the one the loader reads: the same logits
     ref = tiny_gpt(vocab_size=50257, gelu="tanh")
-    ours = load_model(str(tmp_path / "hf_dir" / "hf")).model
+    ours = load_model(str(tmp_path / "hf" / "hf")).model
+    idx = torch.tensor([[5, 6, 7]])
     with torch.no_grad():
-        assert torch.equal(ours(torch.tensor([[5, 6, 7]])), ref(torch.tensor([[5, 6, 7]])))
+        assert torch.allclose(ours(idx), ref(idx), atol=1e-6, rtol=0)
 
 
 # ----------------------------------------------------------------------------- the table
@@ -209,7 +207,6 @@ CASES = [
     ("tokenizer-kind-list", lambda t: native_dir(t, setter("kind", ["char"], "tokenizer")), r"unknown tokenizer"),
     ("config-nested-100k-deep", write("config.json", NATIVE_HEAD + "[" * 100000 + "]" * 100000 + "}"), r"config.json: not a config: its JSON is nested too deeply"),
     ("config-5000-digit-int", write("config.json", NATIVE_HEAD + '{"n_layer": ' + HUGE_INT + "}}"), r"config.json: not valid JSON \(Exceeds the limit"),
-    ("config-4000-digit-int", write("config.json", NATIVE_HEAD + '{"n_layer": 1' + "0" * 3999 + "}}"), r"n_layer=<an integer of 1328\d bits>: must be a positive integer, at most 1000"),
     ("config-not-utf8", write("config.json", b'{"format": "\xff"}'), r"config.json: not valid JSON"),
     ("config-a-list", write("config.json", "[1, 2]"), r"config.json: expected a JSON object, got list"),
     ("format_version-huge", lambda t: native_dir(t, setter("format_version", 10**400)), r"format_version <an integer of \d+ bits> is not 1"),
@@ -239,7 +236,7 @@ CASES = [
     # --- finding 8: sizes checked before anything is allocated (fast here; see also BOMBS)
     ("n_embd-over-limit", lambda t: native_dir(t, model_field("n_embd", 2**17)), r"n_embd=131072: must be a positive integer, at most 65536"),
     ("vocab-over-limit", lambda t: hf_dir(t, setter("vocab_size", 2**20 + 1)), r"vocab_size=1048577: .* at most 1048576"),
-    ("block_size-over-limit", lambda t: hf_dir(t, setter("n_positions", 2**21)), r"block_size=2097152: .* at most 1048576"),
+    ("block_size-over-limit", lambda t: hf_dir(t, setter("n_positions", 2**21)), r"config.json: model config n_positions=2097152: .* at most 1048576"),
     ("parameters-over-limit", lambda t: native_dir(t, lambda c: c["model"].update(n_layer=1000, n_embd=65536, n_head=1)), r"describes 5.15e\+04 billion parameters, over the limit of 17.2 billion"),
 ]
 
@@ -311,7 +308,7 @@ def test_meta_pkl_constructors_keep_working_for_plain_values(tmp_path):
 def test_meta_pkl_only_a_bounded_regular_file_is_read(tmp_path, kind):
     path = tmp_path / "meta.pkl"
     if kind == "fifo":
-        os.mkfifo(path)  # opening it for reading would wait for a writer forever
+        fifo_with_a_writer(path)
     elif kind == "device":
         path = Path("/dev/zero")
     else:
@@ -320,6 +317,21 @@ def test_meta_pkl_only_a_bounded_regular_file_is_read(tmp_path, kind):
     expect = "over the 32 MiB limit" if kind == "too-large" else "not a regular file"
     with pytest.raises(CheckpointError, match=expect):
         loader.read_meta_pkl(path)
+
+
+def fifo_with_a_writer(path):
+    """A FIFO, which a reader without a writer waits on forever. A thread opens it for writing
+    and closes it, so that a lost check fails (reading nothing) instead of hanging the suite."""
+    os.mkfifo(path)
+    threading.Thread(target=lambda: open(path, "wb").close(), daemon=True).start()
+
+
+def test_gpt2_vocabulary_files_must_be_regular_files(tmp_path):
+    from nanosample.tokenizer import GPT2_BPE_DIR, TokenizerError, gpt2_tokenizer
+    (tmp_path / "encoder.json").write_bytes((GPT2_BPE_DIR / "encoder.json").read_bytes())
+    fifo_with_a_writer(tmp_path / "vocab.bpe")
+    with pytest.raises(TokenizerError, match=r"vocab.bpe: not a regular file"):
+        gpt2_tokenizer(str(tmp_path))
 
 
 def test_config_json_over_the_limit_is_not_read(tmp_path):
@@ -362,6 +374,7 @@ def fifo_shard(tmp):
 BOMBS = [
     ("n_layer-100000", lambda t: native_dir(t, model_field("n_layer", 100000)), r"n_layer=100000: must be a positive integer, at most 1000"),
     ("n_layer-1e9", lambda t: hf_dir(t, setter("n_layer", 10**9)), r"n_layer=1000000000: must be"),
+    ("n_layer-4000-digits", write("config.json", NATIVE_HEAD + '{"n_layer": 1' + "0" * 3999 + "}}"), r"n_layer=<an integer of 1328\d bits>: must be a positive integer, at most 1000"),
     ("all-sizes-at-their-limits", lambda t: hf_dir(t, lambda c: c.update(n_layer=1000, n_embd=65536, n_head=64, vocab_size=2**20, n_positions=2**20)), r"billion parameters, over the limit"),
     ("meta-pkl-bytearray-2e9", lambda t: nanogpt_dir(t, meta=meta_pickle(b"c__builtin__\nbytearray\nJ\x00\x94\x35\x77\x85R")), r"meta.pkl: not a plain nanoGPT vocabulary \(refused bytearray\(2000000000,\)"),
     ("meta-pkl-bytes-8e9", lambda t: nanogpt_dir(t, meta=meta_pickle(b"c__builtin__\nbytes\n\x8a\x05\x00\x50\xd6\xdc\x01\x85R")), r"refused bytes\(8000000000,\)"),
@@ -410,15 +423,15 @@ def test_bomb_is_refused_in_bounded_memory(bomb_results, name, expect):
 # ----------------------------------------------------------------------------- the hub
 
 class DroppingServer:
-    """A local socket that accepts connections and closes them at once: the hub, unreachable.
-    Counts the connections, that is, the requests hf_hub_download makes."""
+    """A local socket that reads each request's first line and closes the connection without an
+    answer: the hub, unreachable. `requests` lists the lines, e.g. "HEAD /.../config.json"."""
 
     def __init__(self):
         self.sock = socket.socket()
         self.sock.bind(("127.0.0.1", 0))
         self.sock.listen(16)
         self.port = self.sock.getsockname()[1]
-        self.connections = 0
+        self.requests = []
         threading.Thread(target=self._serve, daemon=True).start()
 
     def _serve(self):
@@ -427,8 +440,12 @@ class DroppingServer:
                 conn, _ = self.sock.accept()
             except OSError:
                 return
-            self.connections += 1
-            conn.close()
+            with conn:
+                conn.settimeout(10)
+                try:
+                    self.requests.append(conn.recv(4096).split(b"\r\n")[0].decode("latin-1"))
+                except OSError:
+                    pass
 
     def close(self):
         self.sock.close()
@@ -511,5 +528,46 @@ def test_sample_py_end_to_end(tmp_path):
         for proc in procs.values():
             proc.kill()
         server.close()
-    # the hub was asked once for config.json, and not again: no retries
-    assert server.connections == 1
+    # the hub was asked once for config.json, and not again: no retries (huggingface_hub may
+    # also make a request of its own in the background; only the file's are counted)
+    asked = [r for r in server.requests if "/openai-community/gpt2/" in r]
+    assert asked == ["HEAD /openai-community/gpt2/resolve/main/config.json HTTP/1.1"], server.requests
+
+
+# ----------------------------------------------------------------------------- no code runs
+
+class _Exploit:
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+@pytest.mark.parametrize("fmt", ["zip", "legacy", "raw-pickle"])
+def test_ckpt_pt_with_pickled_code_is_refused_in_every_format(tmp_path, fmt):
+    marker = tmp_path / "pwned"
+    ckpt = {"model": {}, "model_args": {}, "x": _Exploit(marker)}
+    path = tmp_path / "ckpt.pt"
+    if fmt == "raw-pickle":
+        path.write_bytes(pickle.dumps(ckpt, protocol=2))
+    else:
+        torch.save(ckpt, path, _use_new_zipfile_serialization=fmt == "zip")
+    with pytest.raises(CheckpointError, match=r"ckpt.pt: (refused|cannot read)"):
+        load_model(str(path))
+    assert not marker.exists(), "the pickled command ran"
+
+
+def test_legacy_format_ckpt_still_loads(tmp_path):
+    # the pre-1.6 format cannot be memory-mapped; it is read whole, after torch's size checks
+    gpt = tiny_gpt(bias=False, gelu="exact")
+    cfg = gpt.config
+    args = dict(n_layer=cfg.n_layer, n_head=cfg.n_head, n_embd=cfg.n_embd,
+                block_size=cfg.block_size, bias=False, vocab_size=cfg.vocab_size)
+    torch.save({"model": gpt.state_dict(), "model_args": args}, tmp_path / "ckpt.pt",
+               _use_new_zipfile_serialization=False)
+    (tmp_path / "meta.pkl").write_bytes(pickle.dumps({"itos": dict(enumerate(CHARS))}))
+    loaded = load_model(str(tmp_path))
+    idx = torch.tensor([[1, 2, 3]])
+    with torch.no_grad():
+        assert torch.equal(loaded.model(idx), gpt(idx))
