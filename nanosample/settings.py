@@ -362,7 +362,8 @@ def read_settings(cls, argv=None, *, prog=None, description=""):
                 ignored.setdefault(key, where)
         for key, (value, where) in entries.items():
             if key not in kinds:
-                raise SettingsError(f"{where}: unknown key '{key}'" + _suggest(key, list(kinds), "'{}'"))
+                known = list(kinds) + sorted(foreign)  # a mistyped nanoGPT key gets its name
+                raise SettingsError(f"{where}: unknown key '{key}'" + _suggest(key, known, "'{}'"))
             if isinstance(value, Unevaluated):
                 raise value.error()
             try:
