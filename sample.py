@@ -7,6 +7,12 @@
 This script wires the parts together and owns printing, exit codes and the command line's
 edge: settings (settings.py) -> prompt -> model (loader.py) -> pieces (generate.py) -> stdout.
 
+Which model, as in nanoGPT: --init_from if given; else the out_dir given by a flag or a config
+file (init_from=resume); else the shipped model. One stderr line names what was loaded. nanoGPT's
+own config files work as config files (their training settings are listed once as ignored),
+and configs/nanogpt.toml makes the text nanoGPT's, byte for byte (--draw=multinomial
+--context=crop).
+
 Output, as nanoGPT prints it: each sample's text, prompt included, then a line
 `---------------`. One sample streams as it is generated; several are printed in order as
 they finish, with a progress bar on stderr when stderr is a terminal. The last line on stderr

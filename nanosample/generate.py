@@ -196,9 +196,8 @@ def generate(model, tokenizer, prompt_ids, params, *, num_samples=1, max_new_tok
     assert batch_size >= 1
     stream = None
     if draw == "multinomial":
-        # Our default draw gives each sample its own generator and an inverse-CDF draw, so a
-        # sample's text never depends on the others, and its u is in the explain trace.
-        # nanoGPT's draw gives both up: one shared stream, the samples in turn, no u.
+        # Inverse-CDF is the default: u from each sample's own generator, batch-independent, u traced.
+        # nanoGPT's multinomial gives both up: one stream, samples in turn; the trace has u null.
         stream = nanogpt_generator(seed, model.config, model.transformer.wte.weight.device)
         batch_size = 1
     for start in range(0, num_samples, batch_size):

@@ -10,6 +10,9 @@ Precedence: defaults < each config file, in the order given < flags. Config file
 or nanoGPT-style `.py` files made only of `key = literal` lines, which are parsed with `ast`
 and never executed. Every user mistake is a `SettingsError`: one line that starts with the
 flag or file it is about, which scripts print as `error: <message>` and exit 2.
+`read_settings` also says where each field was set and which keys were ignored: nanoGPT's own
+config files (its train.py's and bench.py's settings) work for SampleSettings, see
+"nanoGPT's config files" below.
 
 `SampleSettings` holds `sample.py`'s settings and validates them (SAMPLING.md §3) when it is
 built, so a bad value is refused before any model loads.
@@ -484,8 +487,11 @@ class SampleSettings:
         "what to load: gpt2, gpt2-medium, gpt2-large, gpt2-xl (downloaded from the Hugging Face "
         "hub), resume (nanoGPT's ckpt.pt in --out_dir), a path to a Hugging Face or native model "
         "directory, a nanoGPT out_dir or ckpt.pt file, or the name of a folder in checkpoints/ "
-        "(shakespeare_char is the shipped model)")
-    out_dir: str = setting("out", "nanoGPT's output directory, read with --init_from=resume")
+        "(shakespeare_char is the shipped model). Not given: resume when an out_dir is given "
+        "(as in nanoGPT), else the shipped model")
+    out_dir: str = setting("out", "nanoGPT's output directory, holding ckpt.pt; given by a flag or "
+                                  "a config file without --init_from, it is what loads "
+                                  "(init_from=resume)")
     start: str = setting("\n",
         "the prompt; FILE:path reads it from a UTF-8 file (used as is, final newline included). "
         "Empty: start from <|endoftext|> for GPT-2 models, from a newline for character models. "
