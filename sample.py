@@ -62,8 +62,6 @@ def sample(argv):
         return 0
     except SettingsError as e:
         return report_error(e)
-    if parsed.ignored:
-        note_ignored(parsed.ignored)
 
     from nanosample import loader  # the model code loads only once the settings are known to be good
 
@@ -82,6 +80,8 @@ def sample(argv):
     except SettingsError as e:
         return report_error(e)
 
+    if parsed.ignored:  # after every check, so that a mistake is still one line
+        note_ignored(parsed.ignored)
     print(describe_loaded(loaded), file=sys.stderr)
     model = loaded.model
     if settings.compile:

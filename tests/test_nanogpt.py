@@ -311,6 +311,8 @@ def workflow_runs(checkout):
         "readme": ["--out_dir=out-shakespeare-char", *short],
         "resume": ["--init_from=resume", "--out_dir=out-shakespeare-char", *short],
         "training config": [str(NANOGPT_CONFIGS / "train_shakespeare_char.py"), *short],
+        "training config, bad prompt": [str(NANOGPT_CONFIGS / "train_shakespeare_char.py"),
+                                        "--start=café"],
         "no ckpt.pt": ["--out_dir=out-empty"],
         "no directory": ["--out_dir=out-nowhere"],
         "shipped": ["--num_samples=1", "--max_new_tokens=5"],
@@ -348,14 +350,18 @@ def test_training_config_as_first_argument(checkout, workflow_runs):
 
 
 @pytest.mark.parametrize("run, message", [
+    # the note on ignored settings comes with the loaded line: a mistake is still one line
+    ("training config, bad prompt", "error: --start: character 'é' (position 3 of the text) is "
+                                    "not in this model's"),
     ("no ckpt.pt", "error: --out_dir=out-empty: no ckpt.pt in it; out_dir is the folder where "
                    "nanoGPT's train.py saved ckpt.pt"),
     ("no directory", "error: --out_dir=out-nowhere: no such directory; out_dir is the folder "
                      "where nanoGPT's train.py saved ckpt.pt"),
 ])
-def test_out_dir_without_a_checkpoint_is_one_error_line(workflow_runs, run, message):
+def test_mistakes_are_one_error_line(workflow_runs, run, message):
     code, out, err = workflow_runs[run]
-    assert (code, out, err) == (2, "", message + "\n")
+    assert (code, out, len(err.splitlines())) == (2, "", 1)
+    assert err.startswith(message)
 
 
 def test_without_out_dir_or_init_from_the_shipped_model_loads(workflow_runs):
