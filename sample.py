@@ -7,6 +7,12 @@
 This script wires the parts together and owns printing, exit codes and the command line's
 edge: settings (settings.py) -> prompt -> model (loader.py) -> pieces (generate.py) -> stdout.
 
+Which model, as in nanoGPT: --init_from if given; else the out_dir given by a flag or a config
+file (init_from=resume); else the shipped model. One stderr line names what was loaded. nanoGPT's
+own config files work as config files (their training settings are listed once as ignored),
+and configs/nanogpt.toml makes the text nanoGPT's, byte for byte (--draw=multinomial
+--context=crop).
+
 Output, as nanoGPT prints it: each sample's text, prompt included, then a line
 `---------------`. One sample streams as it is generated; several are printed in order as
 they finish, with a progress bar on stderr when stderr is a terminal. The last line on stderr
@@ -27,7 +33,7 @@ import sys
 import time
 
 from nanosample.device import resolve_device
-from nanosample.settings import HelpRequested, SampleSettings, SettingsError, parse_settings
+from nanosample.settings import HelpRequested, SampleSettings, SettingsError, read_settings
 
 SEPARATOR = "---------------"
 DESCRIPTION = ("Sample text from a GPT-2-family model: the shipped character-level Shakespeare "
@@ -45,7 +51,9 @@ def main(argv=None):
 
 def sample(argv):
     try:
-        settings = parse_settings(SampleSettings, argv, prog="sample.py", description=DESCRIPTION)
+        parsed = read_settings(SampleSettings, argv, prog="sample.py", description=DESCRIPTION)
+        settings = parsed.settings
+        init_from = model_to_load(parsed)
         prompt, prompt_flag = read_prompt(settings.start)
         check_output_paths(settings)
         explain = import_explain(settings)
@@ -59,7 +67,7 @@ def sample(argv):
 
     try:
         device, dtype = resolve_device(settings.device, settings.dtype)
-        loaded = loader.load_model(settings.init_from, out_dir=settings.out_dir,
+        loaded = loader.load_model(init_from, out_dir=settings.out_dir,
                                    device=device, dtype=dtype)
         prompt_ids = encode_prompt(prompt, prompt_flag, loaded.tokenizer,
                                    loaded.model.config.block_size)
@@ -72,6 +80,9 @@ def sample(argv):
     except SettingsError as e:
         return report_error(e)
 
+    if parsed.ignored:  # after every check, so that a mistake is still one line
+        note_ignored(parsed.ignored)
+    print(describe_loaded(loaded), file=sys.stderr)
     model = loaded.model
     if settings.compile:
         import torch
@@ -94,6 +105,57 @@ def report_error(error):
 
 # ---------------------------------------------------------------------------------------------
 # The edge: everything checked before the model loads, or right after
+
+def model_to_load(parsed):
+    """init_from as nanoGPT means it: without it, an out_dir set by a flag or a config file
+    loads that out_dir's ckpt.pt (init_from='resume', nanoGPT's default); with neither, the
+    shipped model. An out_dir without ckpt.pt is an error naming where it was set, never
+    another model."""
+    settings, sources = parsed.settings, parsed.sources
+    init_from = settings.init_from
+    if "init_from" not in sources and "out_dir" in sources:
+        init_from = "resume"
+    if init_from != "resume":
+        return init_from
+    out_dir = settings.out_dir
+    if "out_dir" in sources:
+        where = sources["out_dir"]
+        where = f"--out_dir={out_dir}" if where.startswith("--") else f"{where}: out_dir={out_dir!r}"
+    else:  # nanoGPT's default out_dir, by --init_from=resume or a training config without one
+        where = sources["init_from"]
+        where = ("--init_from=resume" if where.startswith("--") else where) + \
+            f": out_dir={out_dir!r} (the default)"
+    if not os.path.isdir(out_dir):
+        raise SettingsError(f"{where}: no such directory; out_dir is the folder where nanoGPT's "
+                            f"train.py saved ckpt.pt")
+    if not os.path.isfile(os.path.join(out_dir, "ckpt.pt")):
+        raise SettingsError(f"{where}: no ckpt.pt in it; out_dir is the folder where nanoGPT's "
+                            f"train.py saved ckpt.pt")
+    return init_from
+
+
+def note_ignored(ignored):
+    """One stderr line listing the nanoGPT training settings the config files held."""
+    files = ", ".join(dict.fromkeys(ignored.values()))
+    print(f"note: ignored nanoGPT training settings (from {files}): {', '.join(ignored)}",
+          file=sys.stderr)
+
+
+def describe_loaded(loaded):
+    """The one stderr line naming what was loaded: source, size, vocabulary, context, dtype, device."""
+    model, tokenizer = loaded.model, loaded.tokenizer
+    n = model.num_params()
+    size = f"{n / 1e9:.2f}B" if n >= 1e9 else f"{n / 1e6:.2f}M" if n >= 1e6 else f"{n:,}"
+    vocab = f"vocabulary {tokenizer.n_vocab}"
+    if model.config.vocab_size != tokenizer.n_vocab:
+        vocab += f" (padded to {model.config.vocab_size})"
+    if "meta_pkl" in loaded.info:
+        vocab += f" from {loaded.info['meta_pkl']}"
+    weight = model.transformer.wte.weight
+    dtype = str(weight.dtype).removeprefix("torch.")
+    return (f"loaded {loaded.source}: {size} parameters, {vocab}, block_size "
+            f"{model.config.block_size}, {dtype} on {weight.device}")
+
 
 def read_prompt(start):
     """--start's text, and the flag to name in errors. FILE:path reads a UTF-8 file."""
@@ -257,7 +319,8 @@ def run(settings, model, tokenizer, prompt, prompt_ids, params, trace):
     pieces = generate.generate(
         model, tokenizer, prompt_ids, params, num_samples=n, max_new_tokens=max_new,
         seed=settings.seed, batch_size=settings.batch_size, stop=settings.stop,
-        stop_at_eot=settings.stop_at_eot, trace=trace)
+        stop_at_eot=settings.stop_at_eot, trace=trace, draw=settings.draw,
+        context=settings.context)
     try:
         for piece in pieces:
             if piece.token is not None:

@@ -34,7 +34,10 @@ SCHEMA_VERSION = 1
 JSONL_SCHEMA = """\
 One JSON object per line: one per generated token (step) of each sample, in the order they were
 generated (the samples of one batch interleave, step by step; sort by (sample, step) if needed).
-Probabilities are floats in [0, 1]; entropies are in bits.
+Probabilities are floats in [0, 1]; entropies are in bits. With --draw=multinomial (nanoGPT's
+draw) each record also has "draw": "multinomial" after u, and u is null: the token came from
+torch.multinomial on the run's one shared stream, not from an interval holding a u; q and the
+running sums (cum_before, cum_after) still give the distribution it was drawn from.
 
 version                int         1; raised when a key changes meaning or disappears
 sample                 int         the sample's index (its random stream derives from (seed, sample))
@@ -202,7 +205,7 @@ def explain_rows(trace, tokenizer, rows, top=10):
             })
         u = float(result.u[r])
         kept_q = q[r, :n_kept]
-        records.append({
+        record = {
             "version": SCHEMA_VERSION,
             "sample": int(trace.samples[r]),
             "step": int(trace.step),
@@ -211,6 +214,7 @@ def explain_rows(trace, tokenizer, rows, top=10):
             "greedy": greedy,
             "bias_or_penalties": adjusting[i],
             "u": None if greedy or math.isnan(u) else u,
+            **({"draw": "multinomial"} if trace.draw == "multinomial" else {}),
             "chosen_id": token,
             "chosen_text": tokenizer.token_text(token),
             "chosen_rank": rank + 1,
@@ -219,7 +223,8 @@ def explain_rows(trace, tokenizer, rows, top=10):
             "entropy_bits": max(0.0, float(_entropy_bits(kept_q.log()[None])[0])),
             "entropy_tempered_bits": None if greedy else entropy_tempered[i],
             "candidates": listed,
-        })
+        }
+        records.append(record)
     return records
 
 
@@ -323,8 +328,11 @@ def format_table(record):
         if c["chosen"]:
             chosen = c
     shown = f'"{visible_text(chosen["text"])}" (rank {chosen["rank"]}, id {chosen["id"]})'
-    if record["u"] is None:
+    if record["greedy"]:
         lines.append(f"greedy: no draw; selected {shown}, the most likely token")
+    elif record.get("draw") == "multinomial":
+        lines.append(f"torch.multinomial (nanoGPT's draw, one stream for the run; no u): "
+                     f"selected {shown}")
     else:
         lines.append(f"u = {record['u']:.4f}, in [{chosen['cum_before']:.4f}, "
                      f"{chosen['cum_after']:.4f}): selected {shown}")
@@ -568,7 +576,8 @@ def plot_explained(records, path, step, overwrite=False):
         legend.append(cumulative.axhline(record["u"], color="#333333", ls="--", lw=1,
                                          label=f"u = {record['u']:.4f}"))
     else:
-        cumulative.text(0.02, 0.95, "greedy: no draw, the most likely token",
+        cumulative.text(0.02, 0.95, "greedy: no draw, the most likely token" if record["greedy"]
+                        else "torch.multinomial (nanoGPT's draw): no u",
                         transform=cumulative.transAxes, va="top")
     shown = max(c["cum_after"] for _, c in kept)
     if shown < 1 - 1e-9:

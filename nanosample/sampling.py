@@ -329,3 +329,48 @@ def sample_step(logits, params, generators, n_valid, seen=None, counts=None, win
     if not candidates:
         listed = ranks = None
     return Step(tokens=tokens, ranks=ranks, u=u, candidates=listed, adjusted=logits)
+
+
+# ----------------------------------------------------------------------------------------------
+# nanoGPT's draw (sample.py --draw=multinomial)
+
+def nanogpt_draw(logits, temperature, top_k, generator):
+    """nanoGPT's sampling step, op for op: tokens from (B, V) float32 logits. -> (B,)
+
+    Divide by the temperature; keep the logits >= the k-th largest (nanoGPT's top-k: ties
+    kept, k clipped to V); softmax; torch.multinomial. For one row, multinomial draws one
+    exponential variate per vocabulary entry from `generator` and takes the argmax of p / E,
+    so each step uses V numbers of the stream whatever it picks.
+    """
+    logits = logits / temperature                                         # (B, V)
+    if top_k:  # nanoGPT's top_k=None is off; ours is 0
+        v, _ = torch.topk(logits, min(top_k, logits.size(-1)))            # (B, k)
+        logits = logits.masked_fill(logits < v[:, [-1]], NEG_INF)
+    probs = torch.softmax(logits, dim=-1)                                 # (B, V)
+    return torch.multinomial(probs, num_samples=1, generator=generator)[:, 0]  # (B,)
+
+
+def multinomial_step(logits, params, generator, n_valid, window=256, candidates=True):
+    """`sample_step` with nanoGPT's draw: raw logits (1, V) -> Step, one row at a time.
+
+    Temperature and top-k only (settings refuse the other samplers with this draw). Clean-up
+    is ours: float32, and -inf for padded ids (>= n_valid), which nanoGPT leaves in (its
+    tiktoken decode fails on one). They keep their columns, so the stream advances by V per
+    step as nanoGPT's does, and the tokens are nanoGPT's unless it would have drawn a padded
+    id. No u is drawn: Step.u is NaN. For the explain trace, the candidates and kept sets are
+    sample_step's (its own draw, from a throwaway generator, is discarded); the rank is where
+    the drawn token stands among them.
+    """
+    assert len(params) == 1, "nanoGPT's draw runs one sample at a time"
+    row = params.rows[0]
+    clean = clean_logits(logits, n_valid)                                 # (1, V)
+    if row.greedy:
+        tokens = greedy_tokens(clean)
+    else:
+        tokens = nanogpt_draw(clean, row.temperature, row.top_k, generator)
+    listed = ranks = None
+    if candidates:
+        listed = sample_step(logits, params, [torch.Generator()], n_valid, window=window).candidates
+        ranks = (listed.ids == tokens[:, None]).int().argmax(dim=-1)      # (1,)
+    u = torch.full((1,), math.nan, dtype=torch.float64, device=logits.device)
+    return Step(tokens=tokens, ranks=ranks, u=u, candidates=listed, adjusted=clean)

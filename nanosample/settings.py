@@ -10,6 +10,9 @@ Precedence: defaults < each config file, in the order given < flags. Config file
 or nanoGPT-style `.py` files made only of `key = literal` lines, which are parsed with `ast`
 and never executed. Every user mistake is a `SettingsError`: one line that starts with the
 flag or file it is about, which scripts print as `error: <message>` and exit 2.
+`read_settings` also says where each field was set and which keys were ignored: nanoGPT's own
+config files (its train.py's and bench.py's settings) work for SampleSettings, see
+"nanoGPT's config files" below.
 
 `SampleSettings` holds `sample.py`'s settings and validates them (SAMPLING.md §3) when it is
 built, so a bad value is refused before any model loads.
@@ -185,11 +188,14 @@ def _suggest(name, candidates, form):
 # ---------------------------------------------------------------------------------------------
 # Config files
 
-def read_config_file(path):
+def read_config_file(path, foreign_keys=()):
     """Read a TOML or `key = literal` .py config file: {key: (value, where)}.
 
     `where` names the file, and the line for .py files, for error messages. Keys are not
-    checked here; `parse_settings` checks them against the dataclass.
+    checked here; `parse_settings` checks them against the dataclass. `foreign_keys`: another
+    program's settings (nanoGPT's train.py); a .py file that sets one of them is that
+    program's config file, and may also hold `import` lines and expressions, see
+    `_read_python_config`.
     """
     try:
         with open(path, "rb") as f:
@@ -214,22 +220,42 @@ def read_config_file(path):
         except tomllib.TOMLDecodeError as e:
             raise SettingsError(f"{path}: invalid TOML: {e}") from None
         return {key: (value, path) for key, value in table.items()}
-    return _read_python_config(path, text)
+    return _read_python_config(path, text, foreign_keys)
 
 
-def _read_python_config(path, text):
+class Unevaluated:
+    """A .py config value that is not a literal (nanoGPT's `'ft-' + str(time.time())`): never
+    evaluated. Harmless for a key that is ignored; an error for a key that is used."""
+
+    def __init__(self, where, name):
+        self.where, self.name = where, name
+
+    def error(self):
+        return SettingsError(f"{self.where}: {self.name}: the value must be a literal (a number, "
+                             f"string, True/False, None or a list of them), not an expression")
+
+
+def _read_python_config(path, text, foreign_keys=()):
     # nanoGPT exec()s its config files; we only accept `name = literal` and never run anything.
+    # One of nanoGPT's own files (it sets a key of `foreign_keys`) may also hold `import` lines
+    # and expressions (config/finetune_shakespeare.py: wandb_run_name = 'ft-' + str(time.time())):
+    # the imports are skipped, the expressions kept unevaluated (Unevaluated).
     try:
         tree = ast.parse(text, filename=path)
     except SyntaxError as e:
         raise SettingsError(f"{path}:{e.lineno}: invalid Python syntax: {e.msg}") from None
     lines = text.splitlines()
     values = {}
+    foreign = any(isinstance(node, ast.Assign) and len(node.targets) == 1
+                  and isinstance(node.targets[0], ast.Name) and node.targets[0].id in foreign_keys
+                  for node in tree.body)
     for node in tree.body:
         where = f"{path}:{node.lineno}"
         if isinstance(node, ast.Expr) and isinstance(node.value, ast.Constant) \
                 and isinstance(node.value.value, str):
             continue  # a docstring
+        if foreign and isinstance(node, (ast.Import, ast.ImportFrom)):
+            continue  # never run: nothing here evaluates what it would bring in
         if not (isinstance(node, ast.Assign) and len(node.targets) == 1
                 and isinstance(node.targets[0], ast.Name)):
             found = lines[node.lineno - 1].strip()
@@ -240,8 +266,9 @@ def _read_python_config(path, text):
         try:
             value = ast.literal_eval(node.value)
         except (ValueError, TypeError, SyntaxError, MemoryError, RecursionError):
-            raise SettingsError(f"{where}: {name}: the value must be a literal (a number, string, "
-                                f"True/False, None or a list of them), not an expression") from None
+            if not foreign:
+                raise Unevaluated(where, name).error() from None
+            value = Unevaluated(where, name)
         values[name] = (value, where)
     return values
 
@@ -254,6 +281,14 @@ def _looks_like_flag(arg, kinds):
     return arg.startswith("--") and (name in kinds or name in ("config", "help"))
 
 
+@dataclass(frozen=True)
+class ParsedSettings:
+    """What `read_settings` found: the settings, and where each came from."""
+    settings: object
+    sources: dict   # field -> where the user set it: "--key", "path" (TOML) or "path:line"
+    ignored: dict   # another program's key in a config file (nanoGPT's) -> that file, in order
+
+
 def parse_settings(cls, argv=None, *, prog=None, description=""):
     """Build `cls` from defaults < config files (in order) < flags.
 
@@ -263,7 +298,17 @@ def parse_settings(cls, argv=None, *, prog=None, description=""):
     (flags replace a config file's list, repeats add to each other). Raises SettingsError on
     any mistake, HelpRequested for -h/--help.
     """
+    return read_settings(cls, argv, prog=prog, description=description).settings
+
+
+def read_settings(cls, argv=None, *, prog=None, description=""):
+    """`parse_settings`, also saying which fields the user set and which keys were ignored.
+
+    A class that reads nanoGPT's config files (`NANOGPT_CONFIG = True`, as SampleSettings)
+    accepts the settings of nanoGPT's train.py and bench.py in them: see `_nanogpt_entries`.
+    """
     kinds = _kinds(cls)
+    foreign = _nanogpt_foreign_keys(kinds) if getattr(cls, "NANOGPT_CONFIG", False) else frozenset()
     argv = list(sys.argv[1:] if argv is None else argv)
     prog = prog or os.path.basename(sys.argv[0])
     if "-h" in argv or "--help" in argv:
@@ -313,11 +358,19 @@ def parse_settings(cls, argv=None, *, prog=None, description=""):
             value = flags[name] + value
         flags[name] = value
 
-    values, sources = {}, {}
+    values, sources, ignored = {}, {}, {}
     for path in config_paths:
-        for key, (value, where) in read_config_file(path).items():
+        entries = read_config_file(path, foreign)
+        if any(key in foreign for key in entries):
+            entries, skipped = _nanogpt_entries(path, entries, foreign)
+            for key, where in skipped.items():
+                ignored.setdefault(key, where)
+        for key, (value, where) in entries.items():
             if key not in kinds:
-                raise SettingsError(f"{where}: unknown key '{key}'" + _suggest(key, list(kinds), "'{}'"))
+                known = list(kinds) + sorted(foreign)  # a mistyped nanoGPT key gets its name
+                raise SettingsError(f"{where}: unknown key '{key}'" + _suggest(key, known, "'{}'"))
+            if isinstance(value, Unevaluated):
+                raise value.error()
             try:
                 values[key] = _value_from_file(kinds[key], value)
             except ValueError as e:
@@ -328,9 +381,59 @@ def parse_settings(cls, argv=None, *, prog=None, description=""):
         sources[key] = f"--{key}"
 
     try:
-        return cls(**values)
+        return ParsedSettings(cls(**values), sources, ignored)
     except ValueError as e:
         raise SettingsError(_name_the_source(str(e), sources)) from None
+
+
+# ---------------------------------------------------------------------------------------------
+# nanoGPT's config files
+
+# The settings of nanoGPT's train.py and bench.py: the names each assigns in its block of
+# defaults, before it exec()s configurator.py (karpathy/nanoGPT, master). Its config files set
+# them (config/train_shakespeare_char.py, train_gpt2.py, finetune_shakespeare.py,
+# eval_gpt2*.py), and its sample.py runs any of them. Every setting of its sample.py is a
+# SampleSettings field.
+NANOGPT_TRAIN_KEYS = (
+    "out_dir", "eval_interval", "log_interval", "eval_iters", "eval_only",
+    "always_save_checkpoint", "init_from", "wandb_log", "wandb_project", "wandb_run_name",
+    "dataset", "gradient_accumulation_steps", "batch_size", "block_size", "n_layer", "n_head",
+    "n_embd", "dropout", "bias", "learning_rate", "max_iters", "weight_decay", "beta1", "beta2",
+    "grad_clip", "decay_lr", "warmup_iters", "lr_decay_iters", "min_lr", "backend", "device",
+    "dtype", "compile")
+NANOGPT_BENCH_KEYS = ("batch_size", "block_size", "bias", "real_data", "seed", "device", "dtype",
+                      "compile", "profile")
+# Shared names that mean something else in training: its micro-batch is not our memory cap.
+NANOGPT_TRAINING_MEANING = ("batch_size",)
+
+
+def _nanogpt_foreign_keys(kinds):
+    """The keys of nanoGPT's config files that a class reading them accepts and ignores."""
+    shared_by_name = set(kinds) - set(NANOGPT_TRAINING_MEANING)
+    return frozenset(NANOGPT_TRAIN_KEYS + NANOGPT_BENCH_KEYS) - shared_by_name
+
+
+def _nanogpt_entries(path, entries, foreign):
+    """A nanoGPT config's entries: (those used, {ignored key: path}).
+
+    Ignored: the keys only nanoGPT's train.py and bench.py have, and batch_size, their
+    micro-batch. A training config (one that sets a train.py key) names the model it trains:
+    train.py writes it to out_dir, so sampling loads it from there (init_from='resume', the
+    default of nanoGPT's sample.py), and the file's own init_from, where training started
+    ('scratch', or 'gpt2-xl' in finetune_shakespeare.py), is ignored. An evaluation config
+    (eval_only = True, as eval_gpt2.py) trains nothing: its init_from is the model to load.
+    """
+    training = set(NANOGPT_TRAIN_KEYS) & foreign & set(entries)
+    evaluating = entries.get("eval_only", (None,))[0] is True
+    used, ignored = {}, {}
+    for key, (value, where) in entries.items():
+        if key in foreign or key == "init_from" and training and not evaluating:
+            ignored[key] = path
+        else:
+            used[key] = (value, where)
+    if training and not evaluating:
+        used["init_from"] = ("resume", path)
+    return used, ignored
 
 
 def _name_the_source(message, sources):
@@ -382,13 +485,17 @@ _PLOT_SUFFIXES = (".png", ".svg", ".pdf")
 class SampleSettings:
     """Everything `sample.py` reads. nanoGPT's flags keep nanoGPT's names, meanings and defaults.
     The sampler's flags come from their one declaration, sampler_settings.SETTINGS."""
+    NANOGPT_CONFIG = True  # nanoGPT's config files work too (read_settings); not a field
     # what to load and what to start from (nanoGPT)
     init_from: str = setting("shakespeare_char",
         "what to load: gpt2, gpt2-medium, gpt2-large, gpt2-xl (downloaded from the Hugging Face "
         "hub), resume (nanoGPT's ckpt.pt in --out_dir), a path to a Hugging Face or native model "
         "directory, a nanoGPT out_dir or ckpt.pt file, or the name of a folder in checkpoints/ "
-        "(shakespeare_char is the shipped model)")
-    out_dir: str = setting("out", "nanoGPT's output directory, read with --init_from=resume")
+        "(shakespeare_char is the shipped model). Not given: resume when an out_dir is given "
+        "(as in nanoGPT), else the shipped model")
+    out_dir: str = setting("out", "nanoGPT's output directory, holding ckpt.pt; given by a flag or "
+                                  "a config file without --init_from, it is what loads "
+                                  "(init_from=resume)")
     start: str = setting("\n",
         "the prompt; FILE:path reads it from a UTF-8 file (used as is, final newline included). "
         "Empty: start from <|endoftext|> for GPT-2 models, from a newline for character models. "
@@ -397,6 +504,15 @@ class SampleSettings:
     max_new_tokens: int = setting(500, "tokens to generate per sample (fewer if a stop ends it)")
     seed: int = setting(1337, "random seed; sample i of seed s is the same text however the "
                               "samples are batched")
+    draw: str = setting("inverse_cdf",
+        "inverse_cdf: each sample draws u from its own generator and takes the token whose "
+        "cumulative probability interval holds u (the explain trace shows u); multinomial: "
+        "nanoGPT's draw, torch.multinomial on one stream seeded with seed, the samples one "
+        "after another (a sample then depends on those before it; temperature and top_k only)")
+    context: str = setting("half",
+        "past block_size: half = compute the last block_size // 2 tokens again once, then go on "
+        "with the KV cache; crop = nanoGPT's rule, the last block_size tokens computed again at "
+        "every step (slower)")
     # stopping and batching
     stop: tuple[str, ...] = setting((), "stop a sample when it generates this string (not printed); "
                                         "repeat the flag for several. The shell passes \\n as two "
@@ -443,6 +559,17 @@ class SampleSettings:
                "must be auto, cpu, cuda, cuda:N or mps")
         _check(self.dtype in _DTYPES, "dtype", self.dtype,
                "must be auto, float32, bfloat16 or float16")
+        _check(self.draw in ("inverse_cdf", "multinomial"), "draw", self.draw,
+               "must be inverse_cdf or multinomial")
+        _check(self.context in ("half", "crop"), "context", self.context, "must be half or crop")
+        if self.draw == "multinomial":
+            # nanoGPT's sampler has temperature and top-k only; the others have no place in it
+            for name, off in (("top_p", 1.0), ("min_p", 0.0), ("repetition_penalty", 1.0),
+                              ("frequency_penalty", 0.0), ("presence_penalty", 0.0),
+                              ("logit_bias", None), ("ban", ())):
+                _check(getattr(self, name) == off, name, getattr(self, name),
+                       f"--draw=multinomial is nanoGPT's sampler (temperature and top_k only); "
+                       f"{name} needs --draw=inverse_cdf")
         _check(0 <= self.explain_sample < self.num_samples, "explain_sample", self.explain_sample,
                f"must be >= 0 and < num_samples ({self.num_samples})")
         _check(self.explain_top >= 1, "explain_top", self.explain_top, "must be an integer >= 1")
