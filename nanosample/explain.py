@@ -18,6 +18,7 @@ another way, so the trace is true to the output. Explain mode costs nothing when
 generate() calls `trace` only when one is given, and this module is imported only then.
 """
 
+import contextlib
 import json
 import math
 import os
@@ -346,11 +347,14 @@ class Explainer:
     table_sample: the sample whose steps are shown as tables on `table_stream` and kept in
     `records` for the plot. jsonl_path: every step of every sample, one line each, flushed as
     it goes; an existing file is an error unless `overwrite`. plot_path: drawn by close().
+    outputs: {"explain_file": cli.OutputFile, "plot": cli.OutputFile}, as sample.py makes
+    them: the file is then written beside its path and put in place by close(), whole (two
+    runs never interleave), and a failed write is a cli.RunError naming the flag.
     """
 
     def __init__(self, tokenizer, table_sample=0, top=10, table_stream=None, jsonl_path=None,
                  record_for_plot=False, plot_path=None, plot_step=0, overwrite=False,
-                 messages=None):
+                 messages=None, outputs=None):
         assert top >= 1
         self.tokenizer = tokenizer
         self.table_sample = table_sample
@@ -360,8 +364,12 @@ class Explainer:
         self.record_for_plot = record_for_plot or plot_path is not None
         self.messages = messages if messages is not None else sys.stderr
         self.records = []  # table_sample's records, when recording for a plot
+        self.outputs = outputs or {}
         self.jsonl = None
-        if jsonl_path is not None:
+        self.jsonl_name = f"--explain_file={jsonl_path}"
+        if "explain_file" in self.outputs:
+            self.jsonl = self.outputs["explain_file"].open("w", encoding="utf-8")
+        elif jsonl_path is not None:
             # "x": never replace a file the CLI did not agree to replace (and no race after its check)
             self.jsonl = open(jsonl_path, "w" if overwrite else "x", encoding="utf-8")
         self.closed = False
@@ -374,7 +382,7 @@ class Explainer:
             return
         for record in explain_rows(trace, self.tokenizer, rows, self.top):
             if self.jsonl is not None:
-                self.jsonl.write(json.dumps(record, ensure_ascii=False, allow_nan=False) + "\n")
+                self._write_jsonl(json.dumps(record, ensure_ascii=False, allow_nan=False) + "\n")
             if record["sample"] == self.table_sample:
                 if self.table_stream is not None:
                     self.table_stream.write(format_table(record) + "\n\n")
@@ -382,7 +390,23 @@ class Explainer:
                 if self.record_for_plot:
                     self.records.append(record)
         if self.jsonl is not None:
-            self.jsonl.flush()  # an interrupted run keeps every finished step
+            self._write_jsonl(None)  # flushed: an interrupted run keeps every finished step
+
+    def _write_jsonl(self, line):
+        from nanosample.cli import RunError
+
+        try:
+            if line is None:
+                self.jsonl.flush()
+            else:
+                self.jsonl.write(line)
+        except OSError as e:  # a full disk: the run stops; the file is dropped, not left half
+            jsonl, self.jsonl = self.jsonl, None
+            with contextlib.suppress(OSError):
+                jsonl.close()
+            if "explain_file" in self.outputs:
+                self.outputs["explain_file"].discard()
+            raise RunError(f"{self.jsonl_name}: cannot write it ({e.strerror})") from None
 
     def close(self):
         """Finish the outputs: close the JSON Lines file, draw the plot. Safe to call twice."""
@@ -390,7 +414,10 @@ class Explainer:
             return
         self.closed = True
         if self.jsonl is not None:
+            self._write_jsonl(None)
             self.jsonl.close()
+            if "explain_file" in self.outputs:
+                self.outputs["explain_file"].commit()
         if self.plot_path is not None:
             self._plot()
 
@@ -407,11 +434,21 @@ class Explainer:
             print(f"warning: {flag}: sample {self.table_sample} has no step {self.plot_step} "
                   f"(it ended after {len(steps)} tokens); drawing its last step, {step}",
                   file=self.messages)
+        output = self.outputs.get("plot")
         try:
-            plot_explained(self.records, self.plot_path, step, overwrite=self.overwrite)
+            if output is None:
+                plot_explained(self.records, self.plot_path, step, overwrite=self.overwrite)
+            else:
+                plot_explained(self.records, output.write_path, step, overwrite=True)
+                output.commit()
         except FileExistsError:
             print(f"warning: {flag}: the file appeared during the run; not replaced (add "
                   f"--overwrite to replace it)", file=self.messages)
+        except OSError as e:  # a full disk
+            from nanosample.cli import RunError
+            if output is not None:
+                output.discard()
+            raise RunError(f"{flag}: cannot write it ({e.strerror})") from None
 
 
 def require_matplotlib(flag="--plot"):
@@ -424,21 +461,29 @@ def require_matplotlib(flag="--plot"):
                             f"pip install matplotlib (or pip install -e '.[plot]')") from None
 
 
-def open_trace(settings, tokenizer):
+def open_trace(settings, tokenizer, outputs=None):
     """sample.py's hook: the trace callable for a run's SampleSettings (see sample.py).
 
+    `outputs`: the cli.OutputFile of --explain_file and --plot, already checked (sample.py
+    makes them before the model loads); made here when not given.
     Raises settings.SettingsError for a user's mistake: matplotlib missing for --plot, or an
     --explain_file that cannot be written.
     """
+    from nanosample.cli import OutputFile
     from nanosample.settings import SettingsError
 
     if settings.plot is not None:
         require_matplotlib(f"--plot={settings.plot}")
+    if outputs is None:
+        outputs = {flag: OutputFile(path, f"--{flag}={path}", overwrite=settings.overwrite)
+                   for flag, path in (("explain_file", settings.explain_file),
+                                      ("plot", settings.plot)) if path is not None}
     try:
         return Explainer(tokenizer, table_sample=settings.explain_sample, top=settings.explain_top,
                          table_stream=sys.stderr if settings.explain else None,
                          jsonl_path=settings.explain_file, plot_path=settings.plot,
-                         plot_step=settings.plot_step, overwrite=settings.overwrite)
+                         plot_step=settings.plot_step, overwrite=settings.overwrite,
+                         outputs=outputs)
     except FileExistsError:
         raise SettingsError(f"--explain_file={settings.explain_file}: the file exists; choose "
                             f"another path, or add --overwrite to replace it") from None
