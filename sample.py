@@ -315,6 +315,8 @@ def run(settings, model, tokenizer, prompt, prompt_ids, params, trace, batch_siz
             with tqdm.external_write_mode(file=sys.stdout):
                 printer.add(piece)
         printer.finish()
+        if trace is not None:
+            trace.close()  # the plot is drawn now: a failure there comes before the speed line
     finally:
         bar.close()
     seconds = time.perf_counter() - t0
