@@ -689,9 +689,9 @@ def evaluate(argv):
         print(h.text)
         return 0
     except SettingsError as e:
-        return report_error(e)
+        return cli.report_error(e)
     except ModuleNotFoundError as e:
-        return report_error(f"evaluate.py needs {e.name}: pip install -e '.[eval]'")
+        return cli.report_error(f"evaluate.py needs {e.name}: pip install -e '.[eval]'")
 
     import torch
     from tqdm import tqdm
@@ -720,7 +720,7 @@ def evaluate(argv):
                                       settings.max_new_tokens, val_fraction,
                                       f"--data={settings.data}" if settings.data else "--data")
     except (SettingsError, loader.CheckpointError) as e:
-        return report_error(e)
+        return cli.report_error(e)
 
     units = "words (character-level model)" if tokenizer.name == "char" else \
         f"{tokenizer.name} tokens"
@@ -735,7 +735,7 @@ def evaluate(argv):
                                       seed=settings.seed, progress=bar)
     except (ValueError, RuntimeError, MemoryError) as e:
         # The model failing midway: NaN logits from broken weights, out of memory.
-        return report_error(f"the sweep failed: {cli.failure(e)}; nothing was written",
+        return cli.report_error(f"the sweep failed: {cli.failure(e)}; nothing was written",
                             cli.EXIT_FAILED)
     finally:
         bar.close()
@@ -750,7 +750,7 @@ def evaluate(argv):
                       f"{len(prompts)} prompts × {settings.num_samples} samples × "
                       f"{settings.max_new_tokens} tokens; diversity on {units.split(' (')[0]}")
     except (SettingsError, cli.RunError) as e:  # the disk filled, or the directory went away
-        return report_error(e, cli.EXIT_FAILED)
+        return cli.report_error(e, cli.EXIT_FAILED)
     print(f"swept {len(sweep)} settings in {seconds:.1f} s; wrote "
           f"{', '.join(paths[n] for n in OUTPUT_FILES)}", file=sys.stderr)
     return 0
@@ -789,8 +789,6 @@ def _check_settings_against_model(settings, block_size):
                             f"context of {block_size} tokens (block_size)")
 
 
-def report_error(error, code=cli.EXIT_USAGE):
-    return cli.report_error(error, code)
 
 
 if __name__ == "__main__":

@@ -54,19 +54,21 @@ def main(argv=None):
 
 
 def sample(argv):
+    outputs = {}  # --explain_file and --plot, whose temporary files must not outlive the run
     try:
-        settings = parse_settings(SampleSettings, argv, prog="sample.py", description=DESCRIPTION)
-        prompt, prompt_flag = read_prompt(settings.start)
-        for stop in settings.stop:
-            cli.check_text_arg(stop, "--stop")
-        outputs = check_output_paths(settings)
-        explain = import_explain(settings)
-    except HelpRequested as h:
-        print(h.text)
-        return 0
-    except SettingsError as e:
-        return report_error(e)
-    try:
+        try:
+            settings = parse_settings(SampleSettings, argv, prog="sample.py",
+                                      description=DESCRIPTION)
+            prompt, prompt_flag = read_prompt(settings.start)
+            for stop in settings.stop:
+                cli.check_text_arg(stop, "--stop")
+            outputs = check_output_paths(settings)
+            explain = import_explain(settings)
+        except HelpRequested as h:
+            print(h.text)
+            return 0
+        except SettingsError as e:
+            return cli.report_error(e)
         return load_and_run(settings, prompt, prompt_flag, outputs, explain)
     finally:
         for output in outputs.values():  # what was not put in place (an error, Ctrl-C)
@@ -74,7 +76,7 @@ def sample(argv):
 
 
 def load_and_run(settings, prompt, prompt_flag, outputs, explain):
-
+    """Load the model, check what needs it, generate; the exit code."""
     from nanosample import loader  # the model code loads only once the settings are known to be good
 
     try:
@@ -89,9 +91,9 @@ def load_and_run(settings, prompt, prompt_flag, outputs, explain):
     except loader.CheckpointError as e:
         # The loader names the file, or init_from=... which is our --init_from flag.
         message = str(e)
-        return report_error("--" + message if message.startswith("init_from=") else message)
+        return cli.report_error("--" + message if message.startswith("init_from=") else message)
     except SettingsError as e:
-        return report_error(e)
+        return cli.report_error(e)
 
     model = loaded.model
     if settings.compile:
@@ -104,23 +106,21 @@ def load_and_run(settings, prompt, prompt_flag, outputs, explain):
                    batch_size)
     except cli.RunError as e:  # an output could not be written
         failed = True
-        return report_error(e, cli.EXIT_FAILED)
+        return cli.report_error(e, cli.EXIT_FAILED)
     except (ValueError, RuntimeError, MemoryError) as e:
         # The model or torch failing midway: NaN logits from broken weights, out of memory, a
         # --compile backend that cannot build. One line; the samples printed so far are whole.
         failed = True
-        return report_error(f"generation failed: {cli.failure(e)}", cli.EXIT_FAILED)
+        return cli.report_error(f"generation failed: {cli.failure(e)}", cli.EXIT_FAILED)
     finally:
         if trace is not None:
             try:
                 trace.close()  # the trace of every finished step, and the plot
             except cli.RunError as e:
                 if not failed:
-                    return report_error(e, cli.EXIT_FAILED)
+                    return cli.report_error(e, cli.EXIT_FAILED)
 
 
-def report_error(error, code=cli.EXIT_USAGE):
-    return cli.report_error(error, code)
 
 
 # ---------------------------------------------------------------------------------------------

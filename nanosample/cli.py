@@ -99,8 +99,10 @@ def run_script(main, argv=None, *, interrupted="interrupted"):
     """
     global _interrupted
     _interrupted = False
-    if signal.getsignal(signal.SIGINT) is signal.default_int_handler:  # not when ignored (nohup)
-        signal.signal(signal.SIGINT, _on_sigint)
+    previous = signal.getsignal(signal.SIGINT)
+    if previous is signal.default_int_handler:  # not when ignored (nohup)
+        with contextlib.suppress(ValueError):  # only the main thread may set handlers
+            signal.signal(signal.SIGINT, _on_sigint)
     if sys.stdout is None:  # fd 1 was closed before Python started
         return report_error("stdout is closed; give it somewhere to go (> file, or > /dev/null)")
     try:
@@ -121,7 +123,8 @@ def run_script(main, argv=None, *, interrupted="interrupted"):
         _quiet_stdout()
         return report_error(f"cannot write to stdout ({e.strerror or e})", EXIT_FAILED)
     finally:
-        signal.signal(signal.SIGINT, signal.default_int_handler)
+        if signal.getsignal(signal.SIGINT) is _on_sigint:
+            signal.signal(signal.SIGINT, previous)
 
 
 def _report_interrupt(what):

@@ -417,7 +417,8 @@ class SampleSettings:
                                         "characters: use $'\\n' or a TOML config for a newline")
     stop_at_eot: bool = setting(True, "stop a sample at <|endoftext|> (GPT-2 vocabularies)")
     batch_size: int | None = setting(None, "at most this many samples per forward batch (memory "
-                                           "cap); None = all samples in one batch")
+                                           "cap); None = up to 64 at a time. A batch whose KV "
+                                           "cache cannot fit in the memory left is refused")
     stream: bool | None = setting(None, "print tokens as they are generated; None = stream when "
                                         "there is one sample and no --explain, else a progress "
                                         "bar on stderr")
