@@ -415,3 +415,51 @@ def test_a_huge_num_samples_starts_at_once_in_bounded_batches(files):
     # One batch of 10^8 rows would need ~10^8 x 65 x 8 bytes for its logits alone (52 GB);
     # a run that holds a few batches stays within torch's own ~0.5 GB and a list per sample.
     assert peak_kib < 2 * 2**20, peak_kib
+
+
+# ---------------------------------------------------------------------------------------------
+# The pieces, in process
+
+def test_output_file_is_put_in_place_whole_or_not_at_all(tmp_path):
+    from nanosample.cli import OutputFile, RunError, write_whole
+    from nanosample.settings import SettingsError
+
+    path = tmp_path / "out.txt"
+    out = OutputFile(str(path), "--out")
+    assert not path.exists() and os.path.dirname(out.write_path) == str(tmp_path)
+    write_whole(out, "new\n")
+    assert path.read_text() == "new\n" and os.listdir(tmp_path) == ["out.txt"]
+
+    with pytest.raises(SettingsError, match=r"^--out: the file exists; choose another path"):
+        OutputFile(str(path), "--out")
+    out = OutputFile(str(path), "--out", overwrite=True)
+    out.discard()  # a run that failed: the old file stays
+    assert path.read_text() == "new\n" and os.listdir(tmp_path) == ["out.txt"]
+
+    late = tmp_path / "late.txt"
+    out = OutputFile(str(late), "--late")
+    late.write_text("appeared during the run\n")
+    with pytest.raises(FileExistsError):
+        write_whole(out, "ours\n")
+    assert late.read_text() == "appeared during the run\n"
+    assert sorted(os.listdir(tmp_path)) == ["late.txt", "out.txt"]
+
+    with pytest.raises(SettingsError, match=r"^--x: the directory .*nowhere does not exist"):
+        OutputFile(str(tmp_path / "nowhere" / "x.txt"), "--x")
+    with pytest.raises(SettingsError, match=r"^--x: is a directory"):
+        OutputFile(str(tmp_path), "--x")
+    assert issubclass(RunError, Exception)
+
+
+def test_bounded_reader_states_its_limit(tmp_path):
+    from nanosample.cli import read_user_text
+    from nanosample.settings import SettingsError
+
+    path = tmp_path / "p.txt"
+    path.write_text("x" * 11)
+    assert read_user_text(str(path), "--p", limit=11) == "x" * 11
+    with pytest.raises(SettingsError, match=r"^--p: the file is 11 bytes, more than the 10 bytes "
+                                            r"allowed for a text file$"):
+        read_user_text(str(path), "--p", limit=10)
+    with pytest.raises(SettingsError, match=r"^--p: not a usable file path"):
+        read_user_text("a\x00b", "--p")
