@@ -9,6 +9,8 @@ The modules, in the order a reader meets them:
     loader     checkpoints: Hugging Face safetensors, nanoGPT ckpt.pt, the shipped model
     tokenizer  GPT-2's BPE (files shipped in assets/) and character vocabularies
     settings   the flags and config files of the scripts
+    cli        the scripts' edge: `error:` lines and exit codes, bounded reads of user files,
+               outputs written whole, memory checks, Ctrl-C and stdout faults
     explain    the article's tables for every step, as text, JSON Lines and a plot
     explorer   the explain records as one HTML page: point at a token, see how it was drawn
     metrics    the decoding sweep's measures

@@ -18,6 +18,7 @@ another way, so the trace is true to the output. Explain mode costs nothing when
 generate() calls `trace` only when one is given, and this module is imported only then.
 """
 
+import contextlib
 import json
 import math
 import os
@@ -355,11 +356,14 @@ class Explainer:
     it goes; an existing file is an error unless `overwrite`. plot_path: drawn by close().
     html_path: the explorer page of every step of every sample (explorer.py), written by close();
     `run` holds what the records do not: {"prompt": text, "seed": int, "model": name}.
+    outputs: {"explain_file" | "plot" | "html": cli.OutputFile}, as sample.py makes them: the
+    file is then written beside its path and put in place by close(), whole (two runs never
+    interleave), and a failed write is a cli.RunError naming the flag.
     """
 
     def __init__(self, tokenizer, table_sample=0, top=10, table_stream=None, jsonl_path=None,
                  record_for_plot=False, plot_path=None, plot_step=0, overwrite=False,
-                 messages=None, html_path=None, run=None):
+                 messages=None, html_path=None, run=None, outputs=None):
         assert top >= 1
         self.tokenizer = tokenizer
         self.table_sample = table_sample
@@ -371,8 +375,12 @@ class Explainer:
         self.records = []  # table_sample's records, when recording for a plot
         self.html_path, self.run = html_path, run
         self.all_records = []  # every sample's records, for the explorer page
+        self.outputs = outputs or {}
         self.jsonl = None
-        if jsonl_path is not None:
+        self.jsonl_name = f"--explain_file={jsonl_path}"
+        if "explain_file" in self.outputs:
+            self.jsonl = self.outputs["explain_file"].open("w", encoding="utf-8")
+        elif jsonl_path is not None:
             # "x": never replace a file the CLI did not agree to replace (and no race after its check)
             self.jsonl = open(jsonl_path, "w" if overwrite else "x", encoding="utf-8")
         self.closed = False
@@ -386,7 +394,7 @@ class Explainer:
             return
         for record in explain_rows(trace, self.tokenizer, rows, self.top):
             if self.jsonl is not None:
-                self.jsonl.write(json.dumps(record, ensure_ascii=False, allow_nan=False) + "\n")
+                self._write_jsonl(json.dumps(record, ensure_ascii=False, allow_nan=False) + "\n")
             if self.html_path is not None:
                 self.all_records.append(record)
             if record["sample"] == self.table_sample:
@@ -396,7 +404,23 @@ class Explainer:
                 if self.record_for_plot:
                     self.records.append(record)
         if self.jsonl is not None:
-            self.jsonl.flush()  # an interrupted run keeps every finished step
+            self._write_jsonl(None)  # flushed: an interrupted run keeps every finished step
+
+    def _write_jsonl(self, line):
+        from nanosample.cli import RunError
+
+        try:
+            if line is None:
+                self.jsonl.flush()
+            else:
+                self.jsonl.write(line)
+        except OSError as e:  # a full disk: the run stops; the file is dropped, not left half
+            jsonl, self.jsonl = self.jsonl, None
+            with contextlib.suppress(OSError):
+                jsonl.close()
+            if "explain_file" in self.outputs:
+                self.outputs["explain_file"].discard()
+            raise RunError(f"{self.jsonl_name}: cannot write it ({e.strerror})") from None
 
     def close(self):
         """Finish the outputs: close the JSON Lines file, draw the plot, write the page. Safe to
@@ -405,7 +429,10 @@ class Explainer:
             return
         self.closed = True
         if self.jsonl is not None:
+            self._write_jsonl(None)
             self.jsonl.close()
+            if "explain_file" in self.outputs:
+                self.outputs["explain_file"].commit()
         if self.plot_path is not None:
             self._plot()
         if self.html_path is not None:
@@ -418,11 +445,22 @@ class Explainer:
         if not self.all_records:
             print(f"warning: {flag}: no tokens were generated; no page written", file=self.messages)
             return
+        output = self.outputs.get("html")
         try:
-            explorer.write_html(self.all_records, self.html_path, self.run, overwrite=self.overwrite)
+            if output is None:
+                explorer.write_html(self.all_records, self.html_path, self.run,
+                                    overwrite=self.overwrite)
+            else:
+                explorer.write_html(self.all_records, output.write_path, self.run, overwrite=True)
+                output.commit()
         except FileExistsError:
             print(f"warning: {flag}: the file appeared during the run; not replaced (add "
                   f"--overwrite to replace it)", file=self.messages)
+        except OSError as e:  # a full disk
+            from nanosample.cli import RunError
+            if output is not None:
+                output.discard()
+            raise RunError(f"{flag}: cannot write it ({e.strerror})") from None
 
     def _plot(self):
         flag = f"--plot={self.plot_path}"
@@ -437,11 +475,21 @@ class Explainer:
             print(f"warning: {flag}: sample {self.table_sample} has no step {self.plot_step} "
                   f"(it ended after {len(steps)} tokens); drawing its last step, {step}",
                   file=self.messages)
+        output = self.outputs.get("plot")
         try:
-            plot_explained(self.records, self.plot_path, step, overwrite=self.overwrite)
+            if output is None:
+                plot_explained(self.records, self.plot_path, step, overwrite=self.overwrite)
+            else:
+                plot_explained(self.records, output.write_path, step, overwrite=True)
+                output.commit()
         except FileExistsError:
             print(f"warning: {flag}: the file appeared during the run; not replaced (add "
                   f"--overwrite to replace it)", file=self.messages)
+        except OSError as e:  # a full disk
+            from nanosample.cli import RunError
+            if output is not None:
+                output.discard()
+            raise RunError(f"{flag}: cannot write it ({e.strerror})") from None
 
 
 def require_matplotlib(flag="--plot"):
@@ -454,14 +502,16 @@ def require_matplotlib(flag="--plot"):
                             f"pip install matplotlib (or pip install -e '.[plot]')") from None
 
 
-def open_trace(settings, tokenizer, prompt_ids=None):
+def open_trace(settings, tokenizer, prompt_ids=None, outputs=None):
     """sample.py's hook: the trace callable for a run's SampleSettings (see sample.py).
 
     prompt_ids: the prompt as the model saw it, for the explorer page's header (--html).
-
+    `outputs`: the cli.OutputFile of --explain_file, --plot and --html, already checked
+    (sample.py makes them before the model loads); made here when not given.
     Raises settings.SettingsError for a user's mistake: matplotlib missing for --plot, or an
     --explain_file that cannot be written.
     """
+    from nanosample.cli import OutputFile
     from nanosample.settings import SettingsError
 
     if settings.plot is not None:
@@ -472,12 +522,16 @@ def open_trace(settings, tokenizer, prompt_ids=None):
         run = {"prompt": None if prompt_ids is None else tokenizer.decode(prompt_ids),
                "seed": settings.seed,
                "model": settings.out_dir if settings.init_from == "resume" else settings.init_from}
+    if outputs is None:
+        outputs = {flag: OutputFile(path, f"--{flag}={path}", overwrite=settings.overwrite)
+                   for flag, path in (("explain_file", settings.explain_file),
+                                      ("plot", settings.plot), ("html", html)) if path is not None}
     try:
         return Explainer(tokenizer, table_sample=settings.explain_sample, top=settings.explain_top,
                          table_stream=sys.stderr if settings.explain else None,
                          jsonl_path=settings.explain_file, plot_path=settings.plot,
                          plot_step=settings.plot_step, overwrite=settings.overwrite,
-                         html_path=html, run=run)
+                         html_path=html, run=run, outputs=outputs)
     except FileExistsError:
         raise SettingsError(f"--explain_file={settings.explain_file}: the file exists; choose "
                             f"another path, or add --overwrite to replace it") from None

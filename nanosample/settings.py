@@ -31,6 +31,7 @@ import types
 import typing
 from dataclasses import dataclass, field, fields
 
+from nanosample import cli
 from nanosample.sampler_settings import SETTINGS as SAMPLER_SETTINGS
 from nanosample.sampler_settings import SamplingParams, parse_logit_bias, sampler_fields  # noqa: F401
 
@@ -56,8 +57,7 @@ def parse_for_main(cls, argv, prog, description):
         print(h.text)
         return None, 0
     except SettingsError as e:
-        print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
-        return None, 2
+        return None, cli.report_error(e)
 
 
 def setting(default, help):
@@ -168,6 +168,10 @@ def _scalar_from_file(base, value):
 
 
 def _value_from_file(kind, value):
+    # A NUL byte can come only from a file (argv cannot hold one); no path or text needs it.
+    if any(isinstance(v, str) and "\x00" in v
+           for v in (value if isinstance(value, list) else [value])):
+        raise ValueError("holds a NUL byte (\\x00 or \\u0000), which no setting accepts")
     # TOML has no null, so the string "None" means None there, as it does on the command line.
     if kind.optional and (value is None or value == "None"):
         return None
@@ -197,28 +201,21 @@ def read_config_file(path, foreign_keys=()):
     program's config file, and may also hold `import` lines and expressions, see
     `_read_python_config`.
     """
-    try:
-        with open(path, "rb") as f:
-            data = f.read()
-    except FileNotFoundError:
-        hint = f" (flags start with --, e.g. --{path})" if "=" in path else ""
-        raise SettingsError(f"{path}: no such config file{hint}") from None
-    except IsADirectoryError:
-        raise SettingsError(f"{path}: is a directory, not a config file") from None
-    except OSError as e:
-        raise SettingsError(f"{path}: cannot read the config file: {e.strerror}") from None
+    # A regular file of at most cli.CONFIG_LIMIT bytes: never /dev/zero, never a FIFO's wait.
+    hint = f" (flags start with --, e.g. --{path})" if "=" in path else ""
+    data = cli.read_user_bytes(path, path, what="a config file", noun="config file",
+                               missing_hint=hint)
     suffix = os.path.splitext(path)[1].lower()
     if suffix not in (".toml", ".py"):
         raise SettingsError(f"{path}: config files must be .toml or nanoGPT-style .py files")
-    try:
-        text = data.decode("utf-8")
-    except UnicodeDecodeError as e:
-        raise SettingsError(f"{path}: not UTF-8 text (byte 0x{data[e.start]:02x} at offset {e.start})") from None
+    text = cli.decode_utf8(data, path)
     if suffix == ".toml":
         try:
             table = tomllib.loads(text)
         except tomllib.TOMLDecodeError as e:
             raise SettingsError(f"{path}: invalid TOML: {e}") from None
+        except (RecursionError, MemoryError):
+            raise SettingsError(f"{path}: invalid TOML: nested too deeply") from None
         return {key: (value, path) for key, value in table.items()}
     return _read_python_config(path, text, foreign_keys)
 
@@ -244,6 +241,9 @@ def _read_python_config(path, text, foreign_keys=()):
         tree = ast.parse(text, filename=path)
     except SyntaxError as e:
         raise SettingsError(f"{path}:{e.lineno}: invalid Python syntax: {e.msg}") from None
+    except (MemoryError, RecursionError):  # e.g. 200,000 unary minus signs in a row
+        raise SettingsError(f"{path}: too deeply nested for a config file of `key = literal` "
+                            f"lines") from None
     lines = text.splitlines()
     values = {}
     foreign = any(isinstance(node, ast.Assign) and len(node.targets) == 1
@@ -519,7 +519,8 @@ class SampleSettings:
                                         "characters: use $'\\n' or a TOML config for a newline")
     stop_at_eot: bool = setting(True, "stop a sample at <|endoftext|> (GPT-2 vocabularies)")
     batch_size: int | None = setting(None, "at most this many samples per forward batch (memory "
-                                           "cap); None = all samples in one batch")
+                                           "cap); None = up to 64 at a time. A batch whose KV "
+                                           "cache cannot fit in the memory left is refused")
     stream: bool | None = setting(None, "print tokens as they are generated; None = stream when "
                                         "there is one sample and no --explain, else a progress "
                                         "bar on stderr")
