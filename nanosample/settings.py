@@ -541,7 +541,7 @@ class SampleSettings:
                                      "file (needs matplotlib)")
     plot_step: int = setting(0, "which step of --explain_sample --plot draws (0 = the first)")
     html: str | None = setting(None, "write the run as one self-contained HTML page to this file: "
-                                     "point at a token to see how it was drawn (issue 15)")
+                                     "point at a token to see how it was drawn")
     overwrite: bool = setting(False, "let --explain_file, --plot and --html replace existing "
                                      "files (by default an existing file is an error)")
 
