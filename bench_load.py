@@ -98,8 +98,17 @@ def main(argv=None):
     if args.repeats < 1:
         p.error(f"--repeats={args.repeats}: must be >= 1")
 
+    size_mb, runs = measure_loaders(args.dir, args.repeats, args.dtype)
+    summary = {which: summarize(rs) for which, rs in runs.items()}
+    tok_s = statistics.median(r["tokenizer_s"] for r in runs["ours"])
+    print_report(summary, size_mb, tok_s, args.repeats, args.dtype)
+    return 0
+
+
+def measure_loaders(directory, repeats, dtype):
+    """(the checkpoint's MiB on disk, {loader: the children's measurements}); `directory`
+    None: a random 124M GPT-2 is written to a temporary directory, removed afterwards."""
     with tempfile.TemporaryDirectory(prefix="bench_load_") as tmp:
-        directory = args.dir
         if directory is None:
             directory = tmp
             t = time.perf_counter()
@@ -108,27 +117,32 @@ def main(argv=None):
         size_mb = sum(os.path.getsize(os.path.join(directory, f))
                       for f in os.listdir(directory)) / 2**20
         runs = {w: [] for w in LOADERS}
-        for _ in range(args.repeats):  # interleaved, so a busy spell hurts both alike
+        for _ in range(repeats):  # interleaved, so a busy spell hurts both alike
             for which in LOADERS:
-                runs[which].append(run_child(which, directory, args.dtype))
+                runs[which].append(run_child(which, directory, dtype))
+    return size_mb, runs
 
-    summary = {}
-    for which, rs in runs.items():
-        summary[which] = {
-            "load_s": statistics.median(r["load_s"] for r in rs),
-            "import_s": statistics.median(r["import_s"] for r in rs),
-            "first_forward_s": statistics.median(r["first_forward_s"] for r in rs),
-            "rss_after_imports_mb": max(r["rss_after_imports_mb"] for r in rs),
-            "peak_rss_load_mb": max(r["peak_rss_load_mb"] for r in rs),
-            "peak_rss_forward_mb": max(r["peak_rss_forward_mb"] for r in rs),
-            "params": rs[0]["params"],
-        }
-        summary[which]["load_rss_delta_mb"] = (summary[which]["peak_rss_load_mb"]
-                                               - summary[which]["rss_after_imports_mb"])
-    tok_s = statistics.median(r["tokenizer_s"] for r in runs["ours"])
 
-    print(f"checkpoint: {size_mb:.0f} MiB on disk, dtype {args.dtype}, "
-          f"median of {args.repeats} fresh processes (peak RSS: max)")
+def summarize(rs):
+    """One loader's runs: medians of the times, maxima of the peak RSS (the worst run is what
+    a machine must hold)."""
+    s = {
+        "load_s": statistics.median(r["load_s"] for r in rs),
+        "import_s": statistics.median(r["import_s"] for r in rs),
+        "first_forward_s": statistics.median(r["first_forward_s"] for r in rs),
+        "rss_after_imports_mb": max(r["rss_after_imports_mb"] for r in rs),
+        "peak_rss_load_mb": max(r["peak_rss_load_mb"] for r in rs),
+        "peak_rss_forward_mb": max(r["peak_rss_forward_mb"] for r in rs),
+        "params": rs[0]["params"],
+    }
+    s["load_rss_delta_mb"] = s["peak_rss_load_mb"] - s["rss_after_imports_mb"]
+    return s
+
+
+def print_report(summary, size_mb, tok_s, repeats, dtype):
+    """The table, then the one JSON line."""
+    print(f"checkpoint: {size_mb:.0f} MiB on disk, dtype {dtype}, "
+          f"median of {repeats} fresh processes (peak RSS: max)")
     header = (f"{'loader':<13} {'import s':>9} {'load s':>8} {'1st fwd s':>10} {'RSS imports':>12} "
               f"{'peak load':>10} {'load delta':>11} {'peak fwd':>9}  (MiB)")
     print(header)
@@ -138,11 +152,10 @@ def main(argv=None):
               f"{s['rss_after_imports_mb']:>12.0f} {s['peak_rss_load_mb']:>10.0f} "
               f"{s['load_rss_delta_mb']:>11.0f} {s['peak_rss_forward_mb']:>9.0f}")
     print(f"(ours also builds the GPT-2 tokenizer once per process: {tok_s:.2f} s, not in 'load s')")
-    print(json.dumps({"bench": "load", "dtype": args.dtype, "repeats": args.repeats,
+    print(json.dumps({"bench": "load", "dtype": dtype, "repeats": repeats,
                       "checkpoint_mib": round(size_mb, 1), **{
                           w: {k: round(v, 3) if isinstance(v, float) else v for k, v in s.items()}
                           for w, s in summary.items()}}))
-    return 0
 
 
 if __name__ == "__main__":

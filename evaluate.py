@@ -80,7 +80,7 @@ COLUMNS = (
 )
 
 
-# Why 96 prompts of 128 tokens (issue 14, finding 3). Greedy decoding of the shipped model ends
+# Why 96 prompts of 128 tokens. Greedy decoding of the shipped model ends
 # in a Holtzman repeat after 128 new characters for about 5.7 % of held-out prompts (51 of 900
 # random line starts of the held-out split), pure sampling for none of 400. Longer texts do not
 # help, as the model leaves its loops again: on 400 prompts greedy's rate is 6.8 % at 128 new
@@ -689,68 +689,30 @@ def check_sweep_fits(settings, sweep, config, device):
 
 
 def evaluate(argv):
-    try:
-        settings = parse_settings(EvaluateSettings, argv, prog="evaluate.py",
-                                  description=DESCRIPTION)
-        sweep = read_sweep(settings)
-        paths = check_out_dir(settings)
-        import matplotlib  # noqa: F401  (checked before the long run, not after it)
-        import nltk  # noqa: F401
-    except HelpRequested as h:
-        print(h.text)
-        return 0
-    except SettingsError as e:
-        return cli.report_error(e)
-    except ModuleNotFoundError as e:
-        return cli.report_error(f"evaluate.py needs {e.name}: pip install -e '.[eval]'")
-
-    import torch
-    from tqdm import tqdm
+    """The command: read the settings, load the model and the prompts, sweep, report, write the
+    files. Returns the exit code; every user mistake is found before the sweep starts."""
+    parsed, code = _parse_command(argv)
+    if parsed is None:
+        return code
+    settings, sweep, paths = parsed
 
     from nanosample import loader
-    from nanosample.device import resolve_device
 
-    if settings.threads is not None:
-        torch.set_num_threads(settings.threads)
     try:
-        device, _ = resolve_device(settings.device, "float32")
-        loaded = loader.load_model(settings.init_from, device=device)
-        tokenizer = loaded.tokenizer
-        # the split the checkpoint was trained with, when it says (train.py records it)
-        val_fraction = loaded.info.get("training", {}).get("recipe", {}).get(
-            "val_fraction", VAL_FRACTION)
-        if settings.prompts is not None:
-            prompts = read_prompts_file(settings.prompts, tokenizer)
-            check_prompt_lengths(prompts, loaded.model.config.block_size,
-                                 f"--prompts={settings.prompts}")
-        else:
-            _check_settings_against_model(settings, loaded.model.config.block_size)
-            check_sweep_fits(settings, sweep, loaded.model.config, device)
-            prompts = heldout_prompts(read_corpus(settings.data), tokenizer,
-                                      settings.num_prompts, settings.prompt_length,
-                                      settings.max_new_tokens, val_fraction,
-                                      f"--data={settings.data}" if settings.data else "--data")
+        loaded, prompts, val_fraction = _load_model_and_prompts(settings, sweep)
     except (SettingsError, loader.CheckpointError) as e:
         return cli.report_error(e)
 
+    tokenizer = loaded.tokenizer
     units = "words (character-level model)" if tokenizer.name == "char" else \
         f"{tokenizer.name} tokens"
-    total = len(sweep) * len(prompts) * settings.num_samples * settings.max_new_tokens
-    cli.check_interrupted()
-    t0 = time.perf_counter()
-    bar = tqdm(total=total, unit="tok", file=sys.stderr, leave=False, disable=None)
     try:
-        rows, generations = run_sweep(loaded.model, tokenizer, prompts, sweep,
-                                      num_samples=settings.num_samples,
-                                      max_new_tokens=settings.max_new_tokens,
-                                      seed=settings.seed, progress=bar)
+        rows, generations, seconds = _sweep_with_progress(settings, loaded.model, tokenizer,
+                                                          prompts, sweep)
     except (ValueError, RuntimeError, MemoryError) as e:
         # The model failing midway: NaN logits from broken weights, out of memory.
         return cli.report_error(f"the sweep failed: {cli.failure(e)}; nothing was written",
                             cli.EXIT_FAILED)
-    finally:
-        bar.close()
-    seconds = time.perf_counter() - t0
 
     about = describe_run(settings, prompts, sweep, units, val_fraction)
     report = f"{format_table(rows)}\n\n{about}\n"
@@ -765,6 +727,75 @@ def evaluate(argv):
     print(f"swept {len(sweep)} settings in {seconds:.1f} s; wrote "
           f"{', '.join(paths[n] for n in OUTPUT_FILES)}", file=sys.stderr)
     return 0
+
+
+def _parse_command(argv):
+    """((settings, sweep, output paths), None), or (None, exit code) once --help or the one-line
+    error is printed. What the run needs (matplotlib, nltk, a writable --out_dir) is checked
+    here, before the long run, not after it."""
+    try:
+        settings = parse_settings(EvaluateSettings, argv, prog="evaluate.py",
+                                  description=DESCRIPTION)
+        sweep = read_sweep(settings)
+        paths = check_out_dir(settings)
+        import matplotlib  # noqa: F401  (checked before the long run, not after it)
+        import nltk  # noqa: F401
+    except HelpRequested as h:
+        print(h.text)
+        return None, 0
+    except SettingsError as e:
+        return None, cli.report_error(e)
+    except ModuleNotFoundError as e:
+        return None, cli.report_error(f"evaluate.py needs {e.name}: pip install -e '.[eval]'")
+    return (settings, sweep, paths), None
+
+
+def _load_model_and_prompts(settings, sweep):
+    """(the loaded checkpoint, the prompts, the validation fraction the prompts are held out
+    with). Raises SettingsError for prompts or a sweep that do not fit the model."""
+    import torch
+
+    from nanosample import loader
+    from nanosample.device import resolve_device
+
+    if settings.threads is not None:
+        torch.set_num_threads(settings.threads)
+    device, _ = resolve_device(settings.device, "float32")
+    loaded = loader.load_model(settings.init_from, device=device)
+    # the split the checkpoint was trained with, when it says (train.py records it)
+    val_fraction = loaded.info.get("training", {}).get("recipe", {}).get(
+        "val_fraction", VAL_FRACTION)
+    if settings.prompts is not None:
+        prompts = read_prompts_file(settings.prompts, loaded.tokenizer)
+        check_prompt_lengths(prompts, loaded.model.config.block_size,
+                             f"--prompts={settings.prompts}")
+    else:
+        _check_settings_against_model(settings, loaded.model.config.block_size)
+        check_sweep_fits(settings, sweep, loaded.model.config, device)
+        prompts = heldout_prompts(read_corpus(settings.data), loaded.tokenizer,
+                                  settings.num_prompts, settings.prompt_length,
+                                  settings.max_new_tokens, val_fraction,
+                                  f"--data={settings.data}" if settings.data else "--data")
+    return loaded, prompts, val_fraction
+
+
+def _sweep_with_progress(settings, model, tokenizer, prompts, sweep):
+    """run_sweep with a progress bar on stderr (none when it is not a terminal):
+    (rows, generations, seconds)."""
+    from tqdm import tqdm
+
+    total = len(sweep) * len(prompts) * settings.num_samples * settings.max_new_tokens
+    cli.check_interrupted()
+    t0 = time.perf_counter()
+    bar = tqdm(total=total, unit="tok", file=sys.stderr, leave=False, disable=None)
+    try:
+        rows, generations = run_sweep(model, tokenizer, prompts, sweep,
+                                      num_samples=settings.num_samples,
+                                      max_new_tokens=settings.max_new_tokens,
+                                      seed=settings.seed, progress=bar)
+    finally:
+        bar.close()
+    return rows, generations, time.perf_counter() - t0
 
 
 def write_outputs(settings, paths, report, rows, prompts, generations, title):

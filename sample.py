@@ -245,7 +245,7 @@ def batch_size_for(settings, model, prompt_tokens, device):
 
 
 def import_explain(settings):
-    """Explain mode (issue 4) lives in explain.py, imported only when asked for.
+    """Explain mode (the per-step table, trace file and plot) lives in explain.py, imported only when asked for.
 
     The contract explain.py provides: `open_trace(settings, tokenizer)` returns the `trace`
     callable that generate() calls with each step's TraceStep, with a `close()` that finishes

@@ -271,21 +271,54 @@ def train(s, log=print):
     check_memory(s, len(chars))
     cli.check_interrupted()  # a Ctrl-C that a library swallowed while these loaded
 
+    tokenizer, train_ids, val_ids = _encode_corpus(s, text, chars, corpus_path, log)
+    model, optimizer = _build_model(s, len(chars), log)
+
+    start, cpu_start = time.perf_counter(), time.process_time()
+    history = _train_loop(s, model, optimizer, train_ids, val_ids, start, log)
+    train_seconds = time.perf_counter() - start
+    train_cpu_seconds = time.process_time() - cpu_start
+
+    losses = _final_losses(s, model, train_ids, val_ids)
+    total_seconds = time.perf_counter() - start
+    val_loss, val_sem, train_loss, train_sem = losses
+    log(f"final: val loss {val_loss:.4f} +- {val_sem:.4f}, train loss {train_loss:.4f} "
+        f"+- {train_sem:.4f} ({s.final_eval_batches} / {s.train_eval_batches} batches of "
+        f"{s.final_eval_batch_size} x {s.block_size}, float32); trained {train_seconds / 60:.1f} min, "
+        f"{total_seconds / 60:.1f} min with the final evaluation")
+
+    record = _training_record(s, text, corpus_path, model, losses, history,
+                              (train_seconds, train_cpu_seconds, total_seconds))
+    _save_checkpoint(s, model, tokenizer, record)
+    log(f"saved {s.out_dir}")
+    return model, record
+
+
+def _encode_corpus(s, text, chars, corpus_path, log):
+    """Seed torch, encode the corpus one id per character, and split it (tokenizer, train, val).
+
+    torch is imported here, not at the top: a mistake in the flags is reported before the
+    second it takes to load.
+    """
     import torch
 
-    from nanosample import loader
-    from nanosample.model import GPT, GPTConfig
     from nanosample.tokenizer import CharTokenizer
 
     torch.set_num_threads(s.threads)
-    torch.manual_seed(s.seed)
+    torch.manual_seed(s.seed)  # before the model is built: its initialisation is seeded
     tokenizer = CharTokenizer(chars)
     ids = torch.tensor(tokenizer.encode(text), dtype=torch.long)  # (N,)
     train_ids, val_ids = split_corpus(ids, s.val_fraction, s.block_size)
     log(f"corpus {corpus_path}: {len(text):,} characters, {len(chars)} distinct; "
         f"train {len(train_ids):,}, val {len(val_ids):,}")
+    return tokenizer, train_ids, val_ids
 
-    config = GPTConfig(block_size=s.block_size, vocab_size=len(chars), n_layer=s.n_layer,
+
+def _build_model(s, vocab_size, log):
+    """A freshly initialised GPT in training mode, with its AdamW optimiser."""
+    from nanosample.model import GPT, GPTConfig
+
+    config = GPTConfig(block_size=s.block_size, vocab_size=vocab_size, n_layer=s.n_layer,
                        n_head=s.n_head, n_embd=s.n_embd, bias=s.bias, gelu=s.gelu)
     model = GPT(config)
     model.train()
@@ -293,24 +326,37 @@ def train(s, log=print):
     log(f"model {model.num_params():,} parameters ({s.n_layer} layers x {s.n_embd} wide, "
         f"{s.n_head} heads, block {s.block_size}); {s.max_iters} steps of "
         f"{s.batch_size} x {s.block_size} characters, autocast {s.autocast}, {s.threads} threads")
+    return model, optimizer
+
+
+def _train_step(s, model, optimizer, x, y, lr):
+    """One optimiser step on the batch (x, y) at learning rate `lr`; returns the loss."""
+    import torch
+
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    loss = compute_loss(model, x, y, s.autocast)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    if s.grad_clip:
+        torch.nn.utils.clip_grad_norm_(model.parameters(), s.grad_clip)
+    optimizer.step()
+    return loss.item()
+
+
+def _train_loop(s, model, optimizer, train_ids, val_ids, start, log):
+    """s.max_iters steps, logging the train loss and estimating the validation loss on the way;
+    returns those estimates ({"step", "val_loss", "minutes"} each) for the record."""
+    import torch
 
     generator = torch.Generator().manual_seed(s.seed)  # the training windows
     val_seed = s.seed + VAL_SEED_OFFSET
-    start, cpu_start = time.perf_counter(), time.process_time()
-    running = []
+    running = []  # the train losses since the last log line
     history = []
     for step in range(s.max_iters):
         lr = lr_at(step, s)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
         x, y = get_batch(train_ids, s.batch_size, s.block_size, generator)
-        loss = compute_loss(model, x, y, s.autocast)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        if s.grad_clip:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), s.grad_clip)
-        optimizer.step()
-        running.append(loss.item())
+        running.append(_train_step(s, model, optimizer, x, y, lr))
         _finite_or_stop(running[-1], "training loss", step + 1, lr)
         cli.check_interrupted()
 
@@ -321,6 +367,7 @@ def train(s, log=print):
             log(f"step {done:5d}/{s.max_iters}  train loss {sum(running) / len(running):.4f}  "
                 f"lr {lr:.2e}  {elapsed / 60:6.1f} min  {rate:,.0f} chars/s")
             running = []
+        # the last step is skipped: the final, larger estimate follows it
         if s.eval_interval and done % s.eval_interval == 0 and done < s.max_iters:
             val, _ = estimate_loss(model, val_ids, s.eval_iters, s.batch_size, s.block_size,
                                    val_seed, s.autocast)
@@ -329,24 +376,33 @@ def train(s, log=print):
                             "minutes": round(elapsed / 60, 2)})
             log(f"step {done:5d}/{s.max_iters}  val loss {val:.4f} ({s.eval_iters} batches)  "
                 f"{elapsed / 60:6.1f} min")
-    train_seconds = time.perf_counter() - start
-    train_cpu_seconds = time.process_time() - cpu_start
+    return history
 
-    # The figure that is recorded: float32 (as the saved weights load), many fixed windows.
+
+def _final_losses(s, model, train_ids, val_ids):
+    """(val loss, its standard error, train loss, its standard error) of the trained model.
+
+    The figure that is recorded: float32 (as the saved weights load), many fixed windows; the
+    training split's loss beside it shows the gap to validation.
+    """
     model.eval()
     measure = dict(batches=s.final_eval_batches, batch_size=s.final_eval_batch_size,
-                   block_size=s.block_size, seed=val_seed)
+                   block_size=s.block_size, seed=s.seed + VAL_SEED_OFFSET)
     val_loss, val_sem = estimate_loss(model, val_ids, **measure)
     train_loss, train_sem = estimate_loss(model, train_ids, **{**measure, "batches": s.train_eval_batches})
     _finite_or_stop(val_loss, "validation loss", s.max_iters, lr_at(s.max_iters - 1, s))
     _finite_or_stop(train_loss, "final training loss", s.max_iters, lr_at(s.max_iters - 1, s))
-    total_seconds = time.perf_counter() - start
-    log(f"final: val loss {val_loss:.4f} +- {val_sem:.4f}, train loss {train_loss:.4f} "
-        f"+- {train_sem:.4f} ({s.final_eval_batches} / {s.train_eval_batches} batches of {s.final_eval_batch_size} x "
-        f"{s.block_size}, float32); trained {train_seconds / 60:.1f} min, "
-        f"{total_seconds / 60:.1f} min with the final evaluation")
+    return val_loss, val_sem, train_loss, train_sem
 
-    record = {
+
+def _training_record(s, text, corpus_path, model, losses, history, seconds):
+    """The checkpoint's "training" entry: the recipe, the corpus, the results and the machine,
+    so a checkpoint says how it was made. `seconds` is (training, its CPU time, wall in all)."""
+    import torch
+
+    val_loss, val_sem, train_loss, _ = losses
+    train_seconds, train_cpu_seconds, total_seconds = seconds
+    return {
         "script": "train.py",
         "recipe": asdict(s),
         "corpus": {"name": corpus_path.name, "characters": len(text),
@@ -362,7 +418,7 @@ def train(s, log=print):
                               f"{s.final_eval_batches} batches of {s.final_eval_batch_size} random "
                               f"windows of {s.block_size} characters from the validation split, "
                               f"every position counted (as nanoGPT's estimate_loss), float32, "
-                              f"window generator seeded with {val_seed}"),
+                              f"window generator seeded with {s.seed + VAL_SEED_OFFSET}"),
         "val_history": history,
         "train_minutes": round(train_seconds / 60, 2),
         "train_cpu_minutes": round(train_cpu_seconds / 60, 2),  # both cores: 2x wall at best
@@ -372,13 +428,17 @@ def train(s, log=print):
         "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", ""),
         "machine": platform.processor() or platform.machine(),
     }
+
+
+def _save_checkpoint(s, model, tokenizer, record):
+    """Write model.safetensors + config.json to s.out_dir, or fail with one line."""
+    from nanosample import loader
+
     try:
         loader.save_native(model, tokenizer, s.out_dir, record)
     except OSError as e:  # a full disk: save_native writes each file whole or not at all
         raise TrainingFailed(f"--out_dir={s.out_dir}: cannot write the checkpoint "
                              f"({e.strerror}); the trained model is lost") from None
-    log(f"saved {s.out_dir}")
-    return model, record
 
 
 DESCRIPTION = ("Train the character-level model that sample.py loads by default (tiny "

@@ -1,4 +1,4 @@
-"""The explorer (issue 15): a sampling run as one self-contained HTML page.
+"""The explorer: a sampling run as one self-contained HTML page.
 
 This file owns turning explain records (the dicts `explain.explain_rows` builds, the lines
 `--explain_file` writes; schema in docs/explain_schema.md) into a page a person can point at:
@@ -188,12 +188,26 @@ def _error(message):
     return 2
 
 
+class _UsageError(ValueError):
+    """A mistake on the command line: main prints it as the one `error:` line."""
+
+
 def main(argv=None):
     """The command line; returns the exit code (2 with one `error:` line for bad input)."""
     argv = sys.argv[1:] if argv is None else argv
     if any(a in ("-h", "--help") for a in argv):
         print(HELP)
         return 0
+    try:
+        trace, options = _parse_command_line(argv)
+    except _UsageError as e:
+        return _error(str(e))
+    return _trace_to_page(trace, options)
+
+
+def _parse_command_line(argv):
+    """(the trace's path, {"html", "start", "seed", "overwrite"}), every flag checked, the seed
+    an int, and the page's path known to be writable, before the trace is read."""
     traces, options = [], {"html": None, "start": None, "seed": None, "overwrite": False}
     for arg in argv:
         if not arg.startswith("--"):
@@ -201,33 +215,38 @@ def main(argv=None):
             continue
         name, has_value, value = arg[2:].partition("=")
         if name not in options:
-            return _error(f"--{name}: unknown flag; the flags are --html, --start, --seed and "
-                          f"--overwrite ({USAGE})")
+            raise _UsageError(f"--{name}: unknown flag; the flags are --html, --start, --seed and "
+                              f"--overwrite ({USAGE})")
         if name == "overwrite":
             if has_value:
-                return _error("--overwrite: takes no value")
+                raise _UsageError("--overwrite: takes no value")
             options["overwrite"] = True
-        elif not has_value or (name != "start" and not value):
-            return _error(f"--{name}: needs a value, e.g. --{name}=" + (
+        elif not has_value or (name != "start" and not value):  # an empty prompt is a prompt
+            raise _UsageError(f"--{name}: needs a value, e.g. --{name}=" + (
                 "run.html" if name == "html" else "1337" if name == "seed" else "ROMEO:"))
         else:
             options[name] = value
     if len(traces) != 1:
-        return _error(f"give one trace file ({USAGE})")
+        raise _UsageError(f"give one trace file ({USAGE})")
     if options["html"] is None:
-        return _error(f"--html: needed, the page to write ({USAGE})")
-    trace, page = traces[0], options["html"]
-    seed = options["seed"]
-    if seed is not None:
-        if not seed.isdigit():
-            return _error(f"--seed={seed}: must be an integer >= 0")
-        seed = int(seed)
-    problem = output_problem(page, options["overwrite"], trace)
+        raise _UsageError(f"--html: needed, the page to write ({USAGE})")
+    if options["seed"] is not None:
+        if not options["seed"].isdigit():
+            raise _UsageError(f"--seed={options['seed']}: must be an integer >= 0")
+        options["seed"] = int(options["seed"])
+    problem = output_problem(options["html"], options["overwrite"], traces[0])
     if problem:
-        return _error(f"--html={page}: {problem}")
+        raise _UsageError(f"--html={options['html']}: {problem}")
+    return traces[0], options
+
+
+def _trace_to_page(trace, options):
+    """Read the trace and write its page; the exit code, each failure one `error:` line naming
+    the file it is about."""
+    page = options["html"]
     try:
         records = read_trace(trace)
-        run = {"prompt": options["start"], "seed": seed}
+        run = {"prompt": options["start"], "seed": options["seed"]}
         size = write_html(records, page, run, overwrite=options["overwrite"])
     except FileNotFoundError:
         return _error(f"{trace}: no such file")

@@ -369,9 +369,25 @@ class _Buckets:
     def __init__(self, logits, params, rows, kth):
         params = plan(params)
         self.logits = logits                                             # (R, V) float32
+        self.scratch = params.scratch
+        # The filters in SAMPLING.md's order: top-k zeroes its dropped tokens' weights, top-p
+        # finds its cut in what is left, min-p keeps what both left and passes its own test.
+        weights, min_p_relative = self._weights_and_buckets(params)
+        weights = self._top_k_cut(weights, params, rows, kth)
+        running = self._running_mass(weights)                            # (R, NB)
+        kept_weights, kept_running = self._top_p_cut(weights, running, params, rows)
+        self.m = params.min_p[rows]                                      # (R, 1)
+        if params.uses_min_p and bool((self.m > 0).any()):
+            kept_weights, kept_running = self._min_p_cut(weights, min_p_relative)
+        self.weights = weights if kept_weights is None else kept_weights
+        self.kept_running = kept_running
+
+    def _weights_and_buckets(self, params):
+        """Each token's mass exp(l - top), (R, V) float64, and min-p's exp(l - top) in float32
+        (None without min-p); sets each token's bucket (self.bucket, self.bucket_f)."""
+        logits = self.logits
         R, V = logits.shape
         NB = self.N_BUCKETS
-        self.scratch = params.scratch
         top = logits.amax(dim=-1, keepdim=True)                          # (R, 1)
         span = (top - logits.amin(dim=-1, keepdim=True)).clamp_(1e-6, self.SPAN)
         shifted = torch.sub(logits, top, out=self._buffer("shifted", (R, V), torch.float32))
@@ -384,46 +400,55 @@ class _Buckets:
         else:  # the fused form's rounding grows with |top| (a bias of 1e38 makes it inf)
             weights.sub_(top.double()).mul_(LOG2_E).exp2_()
         min_p_relative = None
-        if params.uses_min_p:
+        if params.uses_min_p:  # before `shifted` becomes the bucket numbers, in place
             min_p_relative = torch.exp(shifted)                          # as apply_min_p, float32
         # Each logit's bucket: 0 for the row's best, NB - 1 for -inf. As int64 for scatter_add,
         # and as float32 for `_bucket_table`, whose subtraction reads half the memory then.
         self.bucket_f = shifted.mul_(-(NB - 1) / span).clamp_(max=NB - 1).floor_()
         self.bucket = self._buffer("bucket", (R, V), torch.long).copy_(self.bucket_f)  # (R, V)
-        self.kth = torch.full((R, 1), NEG_INF, device=logits.device)     # top-k's threshold
+        return weights, min_p_relative
+
+    def _top_k_cut(self, weights, params, rows, kth):
+        """The weights with top-k's dropped tokens at 0; sets self.kth, top-k's threshold
+        (taken from the window, -inf where top-k is off)."""
+        R, V = self.logits.shape
+        self.kth = torch.full((R, 1), NEG_INF, device=self.logits.device)
         if params.uses_top_k and kth is not None:
             k = params.top_k[rows]
             self.kth = torch.where(((k > 0) & (k < V))[:, None], kth, NEG_INF)  # from the window
             if bool((self.kth > NEG_INF).any()):
-                weights = weights.masked_fill(logits < self.kth, 0.0)
-        running = self._running_mass(weights)                            # (R, NB)
+                weights = weights.masked_fill(self.logits < self.kth, 0.0)
+        return weights
 
-        # Top-p, on what top-k left: the last kept token is the first whose running sum, itself
-        # included, reaches p * total (the mass before it is still < p * total).
+    def _top_p_cut(self, weights, running, params, rows):
+        """Top-p, on what top-k left: (kept weights or None, kept running mass (R, NB)); sets
+        self.p_active and self.tau, top-p's last kept logit (-inf where top-p is off).
+
+        The last kept token is the first whose running sum, itself included, reaches
+        p * total (the mass before it is still < p * total)."""
+        R = self.logits.shape[0]
         p = params.top_p[rows].double()                                  # (R, 1)
         self.p_active = p[:, 0] < 1
-        self.tau = torch.full((R, 1), NEG_INF, device=logits.device)     # top-p's last kept logit
-        kept_weights, kept_running = weights, running
-        if bool(self.p_active.any()):
-            table = self._bucket_table(weights, running, p[:, 0] * running[:, -1], strict=False)
-            last = table.first()
-            self.tau = torch.where(self.p_active[:, None], table.values.gather(-1, last), NEG_INF)
-            # The kept mass: the buckets ahead, and the last bucket's tokens down to tau.
-            kept_in_last = table.w.masked_fill(table.values < self.tau, 0.0).sum(dim=-1)
-            kept_total = torch.where(self.p_active, table.before + kept_in_last, running[:, -1])
-            beyond = torch.arange(NB, device=logits.device) >= table.bucket[:, None]
-            beyond &= self.p_active[:, None]
-            kept_running = torch.where(beyond, kept_total[:, None], running)
-            kept_weights = None  # tokens below tau still carry weight; draw() masks its table
+        self.tau = torch.full((R, 1), NEG_INF, device=self.logits.device)
+        if not bool(self.p_active.any()):
+            return weights, running
+        table = self._bucket_table(weights, running, p[:, 0] * running[:, -1], strict=False)
+        last = table.first()
+        self.tau = torch.where(self.p_active[:, None], table.values.gather(-1, last), NEG_INF)
+        # The kept mass: the buckets ahead, and the last bucket's tokens down to tau.
+        kept_in_last = table.w.masked_fill(table.values < self.tau, 0.0).sum(dim=-1)
+        kept_total = torch.where(self.p_active, table.before + kept_in_last, running[:, -1])
+        beyond = torch.arange(self.N_BUCKETS, device=self.logits.device) >= table.bucket[:, None]
+        beyond &= self.p_active[:, None]
+        kept_running = torch.where(beyond, kept_total[:, None], running)
+        return None, kept_running  # tokens below tau still carry weight; draw() masks its table
 
-        self.m = params.min_p[rows]                                      # (R, 1)
-        if params.uses_min_p and bool((self.m > 0).any()):
-            keep = (self.m <= 0) | (min_p_relative >= self.m)
-            keep &= logits >= self.tau
-            kept_weights = weights.masked_fill(~keep, 0.0)
-            kept_running = self._running_mass(kept_weights)
-        self.weights = weights if kept_weights is None else kept_weights
-        self.kept_running = kept_running
+    def _min_p_cut(self, weights, min_p_relative):
+        """Min-p, on what top-k and top-p left: (kept weights, their running mass)."""
+        keep = (self.m <= 0) | (min_p_relative >= self.m)
+        keep &= self.logits >= self.tau
+        kept_weights = weights.masked_fill(~keep, 0.0)
+        return kept_weights, self._running_mass(kept_weights)
 
     def _buffer(self, name, shape, dtype):
         return _scratch(self.scratch, name, shape, dtype, self.logits.device)

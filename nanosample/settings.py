@@ -314,6 +314,22 @@ def read_settings(cls, argv=None, *, prog=None, description=""):
     if "-h" in argv or "--help" in argv:
         raise HelpRequested(settings_help(cls, prog=prog, description=description))
 
+    # Every flag is checked before any file is read: a mistyped flag is reported as itself,
+    # not as whatever the config file it came with says.
+    config_paths, flags = _split_argv(argv, kinds)
+    values, sources, ignored = _read_config_files(config_paths, kinds, foreign)
+    for key, value in flags.items():  # flags come last: they win over every file
+        values[key] = value
+        sources[key] = f"--{key}"
+
+    try:
+        return ParsedSettings(cls(**values), sources, ignored)
+    except ValueError as e:
+        raise SettingsError(_name_the_source(str(e), sources)) from None
+
+
+def _split_argv(argv, kinds):
+    """The command line as (config file paths, in order; {field: value} of the flags)."""
     config_paths, flags = [], {}
     i = 0
     while i < len(argv):
@@ -337,34 +353,42 @@ def read_settings(cls, argv=None, *, prog=None, description=""):
             raise SettingsError(f"--{name}: unknown flag" + _suggest(name, list(kinds), "--{}"))
         kind = kinds[name]
         if not has_value:
-            if kind.base is bool and not kind.many:
-                # A bare bool flag means true; it takes the next word only when that is a
-                # boolean, so `--compile configs/x.toml` still reads the config file.
-                words = _TRUE[:3] + _FALSE[:3]
-                if i < len(argv) and (argv[i].lower() in words
-                                      or kind.optional and argv[i] == "None"):
-                    text, i = argv[i], i + 1
-                else:
-                    text = "true"
-            else:
-                if i >= len(argv) or _looks_like_flag(argv[i], kinds):
-                    raise SettingsError(f"--{name}: needs a value ({kind.describe()})")
-                text, i = argv[i], i + 1
+            text, i = _separate_flag_value(name, kind, argv, i, kinds)
         try:
             value = _value_from_text(kind, text)
         except ValueError as e:
             raise SettingsError(f"--{name}: {e}") from None
         if kind.many and value is not None and flags.get(name) is not None:
-            value = flags[name] + value
+            value = flags[name] + value  # a tuple field's repeated flag adds to the list
         flags[name] = value
+    return config_paths, flags
 
+
+def _separate_flag_value(name, kind, argv, i, kinds):
+    """The value of `--name value` (no `=`), which is argv[i]: (its text, the next index)."""
+    if kind.base is bool and not kind.many:
+        # A bare bool flag means true; it takes the next word only when that is a
+        # boolean, so `--compile configs/x.toml` still reads the config file.
+        words = _TRUE[:3] + _FALSE[:3]
+        if i < len(argv) and (argv[i].lower() in words
+                              or kind.optional and argv[i] == "None"):
+            return argv[i], i + 1
+        return "true", i
+    if i >= len(argv) or _looks_like_flag(argv[i], kinds):
+        raise SettingsError(f"--{name}: needs a value ({kind.describe()})")
+    return argv[i], i + 1
+
+
+def _read_config_files(config_paths, kinds, foreign):
+    """The config files' values, later files winning: (values, sources, ignored), as
+    ParsedSettings names them. `foreign`: nanoGPT's keys, set aside by `_nanogpt_entries`."""
     values, sources, ignored = {}, {}, {}
     for path in config_paths:
         entries = read_config_file(path, foreign)
         if any(key in foreign for key in entries):
             entries, skipped = _nanogpt_entries(path, entries, foreign)
             for key, where in skipped.items():
-                ignored.setdefault(key, where)
+                ignored.setdefault(key, where)  # the first file that set it is the one named
         for key, (value, where) in entries.items():
             if key not in kinds:
                 known = list(kinds) + sorted(foreign)  # a mistyped nanoGPT key gets its name
@@ -376,14 +400,7 @@ def read_settings(cls, argv=None, *, prog=None, description=""):
             except ValueError as e:
                 raise SettingsError(f"{where}: {key}: {e}") from None
             sources[key] = where
-    for key, value in flags.items():
-        values[key] = value
-        sources[key] = f"--{key}"
-
-    try:
-        return ParsedSettings(cls(**values), sources, ignored)
-    except ValueError as e:
-        raise SettingsError(_name_the_source(str(e), sources)) from None
+    return values, sources, ignored
 
 
 # ---------------------------------------------------------------------------------------------
@@ -530,7 +547,7 @@ class SampleSettings:
     dtype: str = setting("auto", "float32, bfloat16 or float16; auto = bfloat16 on a GPU that "
                                  "supports it, else float32")
     compile: bool = setting(False, "torch.compile the model (slow to start, faster after)")
-    # explain mode (issue 4)
+    # explain mode: how each token was drawn
     explain: bool = setting(False, "print each sampling decision of one sample as a table on stderr")
     explain_sample: int = setting(0, "which sample --explain shows (0 .. num_samples-1)")
     explain_top: int = setting(10, "candidates per step in the --explain table (the chosen token "
@@ -586,7 +603,7 @@ class SampleSettings:
 
     @property
     def explaining(self):
-        """Whether any explain output (issue 4) was asked for."""
+        """Whether any explain output (table, trace file, plot, page) was asked for."""
         return (self.explain or self.explain_file is not None or self.plot is not None
                 or self.html is not None)
 

@@ -1,6 +1,6 @@
-"""Hostile and broken inputs and faults, through the real scripts (issue 14, findings 3, 5, 6, 8,
-9): each ends in one stderr line `error: ...` with the exit code nanosample/cli.py documents
-(2: refused before any work; 1: failed midway; 130: interrupted), fast, never a traceback.
+"""Hostile and broken inputs and faults, through the real scripts: each ends in one stderr line
+`error: ...` with the exit code nanosample/cli.py documents (2: refused before any work; 1:
+failed midway; 130: interrupted), fast, never a traceback.
 
 Each case runs sample.py, train.py, evaluate.py or bench.py in a subprocess, as a user would.
 """
@@ -130,7 +130,7 @@ def files(tmp_path_factory):
 # (name, script, arguments, exit code, what the one error line contains). {x} is files[x].
 
 CASES = [
-    # finding 6: faults of the terminal and the disk, refused or reported in one line
+    # faults of the terminal and the disk, refused or reported in one line
     ("sample: --plot into an unwritable directory", "sample.py",
      ["--init_from={char}", "--max_new_tokens=3", "--num_samples=1", "--plot={unwritable}/p.png"],
      2, "--plot={unwritable}/p.png: cannot write in"),
@@ -172,7 +172,7 @@ CASES = [
     ("bench: an unwritable --cache_dir", "bench.py", ["--cache_dir={unwritable}/cache"],
      2, "--cache_dir={unwritable}/cache: cannot write in"),
     ("bench: --child without arguments", "bench.py", ["--child"], 2, "--child: bench.py's"),
-    # finding 8: unbounded reads and sizes that cannot fit
+    # unbounded reads and sizes that cannot fit
     ("sample: --start=FILE:/dev/zero", "sample.py", ["--start=FILE:/dev/zero"],
      2, "--start=FILE:/dev/zero: is a character device, not a prompt file"),
     ("sample: a FIFO as the prompt", "sample.py", ["--start=FILE:{fifo}"],
@@ -202,7 +202,7 @@ CASES = [
     ("train: --batch_size=1e9", "train.py",
      ["--data={corpus}", "--out_dir={tmp}/huge", "--batch_size=1000000000"],
      2, "--batch_size=1000000000: a step needs about"),
-    # finding 9: values that trained to NaN, duplicate keys
+    # values that trained to NaN, duplicate keys
     ("train: --learning_rate=inf", "train.py", ["--learning_rate=inf"],
      2, "--learning_rate=inf: must be a finite number"),
     ("train: --grad_clip=nan", "train.py", ["--grad_clip=nan"],
@@ -324,7 +324,7 @@ def test_ctrl_c_during_start_up_stops_the_run(files, name, args):
 
 
 # ---------------------------------------------------------------------------------------------
-# finding 5: train.py never replaces a checkpoint by accident
+# train.py never replaces a checkpoint by accident
 
 def test_train_default_out_dir_is_not_the_shipped_model():
     import train
@@ -368,7 +368,7 @@ def test_train_stops_when_the_loss_is_not_finite_and_saves_nothing(files, tmp_pa
 
 
 # ---------------------------------------------------------------------------------------------
-# finding 9: the same bytes are an error from the command line and from a file; outputs are
+# the same bytes are an error from the command line and from a file; outputs are
 # replaced whole, never written into
 
 def test_non_utf8_start_is_an_error_like_the_file(files):
@@ -398,7 +398,7 @@ def test_overwrite_replaces_the_file_whole_never_writing_into_it(files, tmp_path
 
 
 # ---------------------------------------------------------------------------------------------
-# finding 8: a huge --num_samples runs batch by batch in bounded memory
+# a huge --num_samples runs batch by batch in bounded memory
 
 def test_a_huge_num_samples_starts_at_once_in_bounded_batches(files):
     p = subprocess.Popen([sys.executable, os.path.join(REPO, "sample.py"),

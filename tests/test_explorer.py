@@ -1,4 +1,4 @@
-"""The explorer page (issue 15): the builder in Python, then the page in headless Chromium.
+"""The explorer page: the builder in Python, then the page in headless Chromium.
 
 The Python half needs no browser: the embedded data equals the records, text is escaped, the
 size of a 1,000-step trace, the two commands that write a page. The browser half opens the

@@ -184,7 +184,7 @@ NATIVE_HEAD = '{"format": "nanosample", "format_version": 1, "tokenizer": {"kind
 HUGE_INT = "1" + "0" * 4999
 
 CASES = [
-    # --- finding 6: values that were tracebacks -------------------------------------------
+    # --- values that were tracebacks ----------------------------------------------------
     ("native-n_head-0", lambda t: native_dir(t, model_field("n_head", 0)), r"n_head=0: must be a positive integer"),
     ("hf-n_head-0", lambda t: hf_dir(t, setter("n_head", 0)), r"n_head=0: must be a positive integer"),
     ("nanogpt-n_head-0", lambda t: nanogpt_dir(t, args=setter("n_head", 0)), r"ckpt.pt: model config n_head=0"),
@@ -233,7 +233,7 @@ CASES = [
     ("init_from-unknown-user", lambda t: "~nosuchuser_hostile/x", r"init_from='~nosuchuser_hostile/x': cannot expand '~'"),
     ("init_from-name-too-long", lambda t: "a" * 5000, r"init_from='aaaa.*"),
     ("init_from-nul-byte", lambda t: "gpt2\x00", r"init_from='gpt2\\x00'"),
-    # --- finding 8: sizes checked before anything is allocated (fast here; see also BOMBS)
+    # --- sizes checked before anything is allocated (fast here; see also BOMBS)
     ("n_embd-over-limit", lambda t: native_dir(t, model_field("n_embd", 2**17)), r"n_embd=131072: must be a positive integer, at most 65536"),
     ("vocab-over-limit", lambda t: hf_dir(t, setter("vocab_size", 2**20 + 1)), r"vocab_size=1048577: .* at most 1048576"),
     ("block_size-over-limit", lambda t: hf_dir(t, setter("n_positions", 2**21)), r"config.json: model config n_positions=2097152: .* at most 1048576"),

@@ -140,7 +140,7 @@ def test_split_words():
 
 
 def test_a_text_ending_in_a_newline_keeps_its_last_word():
-    # issue 14: `\w$` matched before a final newline, so "duke\n" lost "duke"
+    # a regression: `\w$` matched before a final newline, so "duke\n" lost "duke"
     assert metrics.split_words(" of the duke\n", drop_partial_last=True) == ["of", "the", "duke"]
     assert metrics.split_words("of the duke\n\n", drop_partial_last=True) == ["of", "the", "duke"]
     assert metrics.split_words("of the duke\nan", drop_partial_last=True) == ["of", "the", "duke"]

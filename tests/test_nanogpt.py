@@ -1,4 +1,4 @@
-"""nanoGPT users' workflow (issue 11): their command, their config files, their checkpoint, their
+"""nanoGPT users' workflow: their command, their config files, their checkpoint, their
 exact text.
 
 The checkpoint is a tiny seeded model saved the way nanoGPT's train.py saves one, in a nanoGPT

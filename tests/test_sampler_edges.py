@@ -1,4 +1,4 @@
-"""The sampler's edges, as a user meets them (issue 14, findings 1 and 7).
+"""The sampler's edges, as a user meets them.
 
 - The explain trace's flags follow SAMPLING.md's order: a token an earlier filter dropped is
   never "kept" by a later one (top-k + top-p + min-p together, on an 8-token model).
@@ -22,7 +22,7 @@ from nanosample.sampling import BatchParams, SamplingParams, apply_temperature, 
 from nanosample.settings import SampleSettings, SettingsError, parse_settings
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-CHARS = list("abcdefgh")  # the issue's 8-token model
+CHARS = list("abcdefgh")  # an 8-token model: every candidate fits in the trace
 
 
 def sample_py(*args):
@@ -47,7 +47,7 @@ def eight(tmp_path_factory):
 
 
 # ---------------------------------------------------------------------------------------------
-# Finding 1: the trace's flags
+# The trace's flags
 
 def expected_flags(candidates, top_k, top_p, min_p):
     """SAMPLING.md §1 steps 6-8 from the trace's own final logits, in plain Python: each
@@ -70,7 +70,8 @@ def expected_flags(candidates, top_k, top_p, min_p):
 
 
 def test_trace_flags_follow_the_filter_order(eight, tmp_path):
-    # The issue's repro: T 1.6, top_k 5, top_p 0.5, min_p 0.3, three samples of 20 tokens.
+    # The run where the flags once disagreed with the filter order: T 1.6, top_k 5, top_p 0.5,
+    # min_p 0.3, three samples of 20 tokens.
     trace = tmp_path / "t.jsonl"
     code, out, err = sample_py(f"--init_from={eight}", "--start=a", "--temperature=1.6",
                                "--top_k=5", "--top_p=0.5", "--min_p=0.3", "--num_samples=3",
@@ -78,7 +79,7 @@ def test_trace_flags_follow_the_filter_order(eight, tmp_path):
     assert code == 0, err
     records = [json.loads(line) for line in trace.read_text(encoding="utf-8").splitlines()]
     assert len(records) == 60
-    dropped_by_k_but_min_p_ratio = 0  # the case the issue found flagged "min_p": true
+    dropped_by_k_but_min_p_ratio = 0  # tokens top-k dropped that min-p alone would keep
     for r in records:
         cands = r["candidates"]
         assert len(cands) == 8  # every token is listed, so the flags can be checked in full
@@ -92,7 +93,7 @@ def test_trace_flags_follow_the_filter_order(eight, tmp_path):
             assert c["top_p"] or not c["min_p"]
             if not c["top_k"] and math.exp(c["logit_final"] - top) >= 0.3:
                 dropped_by_k_but_min_p_ratio += 1
-    assert dropped_by_k_but_min_p_ratio > 0  # the run does hit the issue's case
+    assert dropped_by_k_but_min_p_ratio > 0  # the run does hit that case
     # The --explain table on stderr: per row the marks run ✓... then ✗..., never ✗ then ✓.
     rows = [line for line in err.splitlines() if "✓" in line or "✗" in line]
     assert rows
@@ -102,7 +103,7 @@ def test_trace_flags_follow_the_filter_order(eight, tmp_path):
 
 
 # ---------------------------------------------------------------------------------------------
-# Finding 7: float32 edges, refused
+# float32 edges, refused
 
 ALL_MINUS_INF = ",".join(f"{i}:-1e39" for i in range(len(CHARS)))
 REFUSED = [  # (flag, what the one error line says after "error: ")
@@ -162,7 +163,7 @@ def test_the_smallest_normal_values_are_allowed():
 
 
 # ---------------------------------------------------------------------------------------------
-# Finding 7: what tiny but normal values do
+# what tiny but normal values do
 
 @pytest.mark.parametrize("fast", [False, True])
 def test_tiny_temperature_is_greedy_and_never_overflows(fast):
