@@ -36,7 +36,6 @@ import contextlib
 import json
 import math
 import os
-import resource
 import statistics
 import subprocess
 import sys
@@ -45,7 +44,9 @@ import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
-from nanosample.settings import parse_for_main, setting
+from nanosample import cli
+from nanosample.cli import peak_rss_mb
+from nanosample.settings import SettingsError, parse_for_main, setting
 
 ROOT = Path(__file__).resolve().parent
 SAMPLERS = {  # name -> (our SamplingParams fields, transformers' generate kwargs)
@@ -111,6 +112,10 @@ class BenchSettings:
         for name in ("samplers", "systems"):  # --systems=ours,hf works as well as repeating it
             words = tuple(w.strip() for v in getattr(self, name) for w in v.split(",") if w.strip())
             object.__setattr__(self, name, words)
+        for name in ("samplers", "systems"):
+            if not getattr(self, name):  # --systems= names none
+                raise ValueError(f"{name}=: must name at least one of "
+                                 f"{', '.join(SAMPLERS if name == 'samplers' else SYSTEMS)}")
         for name in self.samplers:
             if name not in SAMPLERS:
                 raise ValueError(f"samplers={name}: must be top_k or top_p")
@@ -168,7 +173,19 @@ def is_hf_dir(path):
     config = Path(path) / "config.json"
     if not config.is_file():
         return False
-    return json.loads(config.read_text()).get("model_type") == "gpt2"
+    try:
+        values = json.loads(cli.read_user_text(str(config), str(config), what="a config.json"))
+    except (SettingsError, ValueError, RecursionError):
+        return False  # not one transformers could read either
+    return isinstance(values, dict) and values.get("model_type") == "gpt2"
+
+
+def check_cache_dir(cache_dir):
+    """--cache_dir: where the random checkpoint is written; checked before any work."""
+    directory = Path(cache_dir or Path(tempfile.gettempdir()) / "nanosample-bench")
+    if not (directory / "gpt2-124M-random" / "model.safetensors").is_file():
+        cli.check_writable_dir(str(directory), f"--cache_dir={cache_dir}" if cache_dir
+                               else f"the cache directory {directory} (set --cache_dir)")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -317,16 +334,6 @@ def cold_child(which, directory, threads, new_tokens):
                       "prompt_tokens": len(prompt)}))
 
 
-def peak_rss_mb():
-    """This process's RSS high-water mark. Read from /proc (VmHWM, reset by exec): ru_maxrss
-    would also count the parent's RSS, which a forked child starts out sharing."""
-    with contextlib.suppress(OSError):
-        for line in open("/proc/self/status"):
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
-
-
 def cold_start(which, directory, threads, new_tokens=128):
     env = {**os.environ, "PYTHONPATH": str(ROOT), "TRANSFORMERS_VERBOSITY": "error",
            "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
@@ -415,27 +422,51 @@ def summarize(runs, batch, new_tokens):
 
 
 def main(argv=None):
+    """Exit code: 0, 1 (failed midway), 2 (bad input) or 130 (interrupted), as cli.py says."""
+    return cli.run_script(_main, argv)
+
+
+def _main(argv):
     argv = list(sys.argv[1:] if argv is None else argv)
-    if argv[:1] == ["--child"]:
-        which, directory, threads, new_tokens = argv[1:5]
-        cold_child(which, directory, int(threads), int(new_tokens))
+    if argv[:1] == ["--child"]:  # bench.py's own cold-start processes, not for users
+        try:
+            which, directory, threads, new_tokens = argv[1:]
+            if which not in ("ours", "hf"):
+                raise ValueError
+            threads, new_tokens = int(threads), int(new_tokens)
+        except ValueError:
+            return cli.report_error("--child: bench.py's cold-start process, started by "
+                                    "bench.py itself with WHICH (ours|hf) DIR THREADS NEW_TOKENS")
+        cold_child(which, directory, threads, new_tokens)
         return 0
     parsed, code = parse_for_main(BenchSettings, argv, prog="bench.py", description=HELP)
     if parsed is None:
         return code
     s = effective(parsed)
+    try:
+        if s.init_from is None:
+            check_cache_dir(s.cache_dir)
+    except SettingsError as e:
+        return cli.report_error(e)
 
     import torch
     import transformers
     transformers.logging.set_verbosity_error()
-    from nanosample.loader import load_model
+    from nanosample.loader import CheckpointError, load_model
     if s.threads:
         torch.set_num_threads(s.threads)
     threads = torch.get_num_threads()
     t_start = time.perf_counter()
 
-    directory = Path(s.init_from) if s.init_from else random_gpt2_dir(s.cache_dir)
-    loaded = load_model(str(directory))
+    try:
+        directory = Path(s.init_from) if s.init_from else random_gpt2_dir(s.cache_dir)
+        loaded = load_model(str(directory))
+    except CheckpointError as e:
+        message = str(e)
+        return cli.report_error("--" + message if message.startswith("init_from=") else message)
+    except OSError as e:  # writing the random checkpoint: a full disk
+        return cli.report_error(f"--cache_dir: cannot write the random checkpoint "
+                                f"({e.strerror})", cli.EXIT_FAILED)
     model, tokenizer = loaded.model, loaded.tokenizer
     hf_model = None
     systems = list(s.systems)

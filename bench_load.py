@@ -24,25 +24,9 @@ import sys
 import tempfile
 import time
 
+from nanosample.cli import peak_rss_mb
+
 LOADERS = ("ours", "transformers")
-
-
-def peak_rss_mb():
-    """Peak resident set size of this process so far, in MiB.
-
-    VmHWM rather than getrusage's ru_maxrss: Linux carries ru_maxrss across exec, so a child
-    would report its parent's peak (the parent that wrote the checkpoint holds ~1 GB).
-    """
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) / 1024  # kB
-    except OSError:
-        pass
-    import resource  # not Linux: ru_maxrss is bytes on macOS, KiB elsewhere
-    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return rss / 2**20 if sys.platform == "darwin" else rss / 1024
 
 
 def child(which, directory, dtype_name):

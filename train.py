@@ -8,6 +8,16 @@ validates), the loop (AdamW, linear warm-up then cosine decay, gradient clipping
 bfloat16 autocast), the final validation figure, and the checkpoint it writes with
 `loader.save_native`: model.safetensors + config.json, whose "training" entry records the
 recipe and its results. Everything is seeded: one run on one machine is repeatable.
+
+Before the first step, everything that could waste the run is checked: the values (finite,
+in range), the corpus (a regular UTF-8 file of at most 64 MiB), --out_dir (it can be written,
+and it holds no checkpoint unless --overwrite is given: the shipped model is never replaced by
+accident), and the memory the run needs (weights, AdamW's state, the activations of a batch).
+A loss that stops being finite ends the run with one line, and nothing is saved.
+
+Exit codes (nanosample/cli.py): 2 for a mistake found before training (one `error:` line), 1
+for a run that fails midway (the loss became NaN or inf, the checkpoint could not be written),
+130 for Ctrl-C (nothing is saved). torch is imported only once the flags are known to be good.
 """
 
 import hashlib
@@ -19,12 +29,9 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-import torch
-from torch.nn import functional as F
-
+from nanosample import cli
 from nanosample.corpus import download_tiny_shakespeare
-from nanosample.model import GPT, GPTConfig
-from nanosample.settings import parse_for_main, setting
+from nanosample.settings import SettingsError, parse_for_main, setting
 
 VAL_SEED_OFFSET = 1  # the validation windows come from their own generator, never the train one
 
@@ -37,8 +44,12 @@ class TrainSettings:
                             "downloaded once into ~/.cache/nanosample")
     val_fraction: float = setting(0.1, "the last this much of the corpus validates (nanoGPT's "
                                        "split: 0.1); the rest trains")
-    out_dir: str = setting("checkpoints/shakespeare_char",
-                           "where the checkpoint (model.safetensors + config.json) is written")
+    out_dir: str = setting("out-shakespeare-char",
+                           "where the checkpoint (model.safetensors + config.json) is written "
+                           "(nanoGPT's name; the shipped model, checkpoints/shakespeare_char, is "
+                           "replaced only by naming it and adding --overwrite)")
+    overwrite: bool = setting(False, "replace a checkpoint already in --out_dir (by default "
+                                     "that is an error, found before training)")
     # the model (model.py's GPTConfig; vocab_size is the corpus' character count)
     n_layer: int = setting(6, "transformer blocks")
     n_head: int = setting(6, "attention heads per block")
@@ -90,8 +101,16 @@ class TrainSettings:
             raise ValueError(f"gelu={self.gelu!r}: must be 'tanh' or 'exact'")
         if self.autocast not in ("bfloat16", "none"):
             raise ValueError(f"autocast={self.autocast!r}: must be 'bfloat16' or 'none'")
+        for name in ("learning_rate", "min_lr", "weight_decay", "grad_clip", "beta1", "beta2"):
+            if not math.isfinite(getattr(self, name)):  # inf trains to NaN; NaN compares False
+                raise ValueError(f"{name}={getattr(self, name)}: must be a finite number")
+        if not 0 < self.learning_rate <= 10:
+            raise ValueError(f"learning_rate={self.learning_rate}: must be > 0 and <= 10")
         if not 0 < self.min_lr <= self.learning_rate:
             raise ValueError(f"min_lr={self.min_lr}: must be > 0 and <= learning_rate")
+        for name in ("beta1", "beta2"):
+            if not 0 <= getattr(self, name) < 1:
+                raise ValueError(f"{name}={getattr(self, name)}: must be >= 0 and < 1")
         for name in ("warmup_iters", "eval_interval", "weight_decay", "grad_clip"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name}={getattr(self, name)}: must be >= 0")
@@ -102,15 +121,57 @@ class TrainSettings:
 # ----------------------------------------------------------------------------- data
 
 def read_corpus(settings):
-    """(text, where it came from) for settings.data, or the downloaded tiny Shakespeare."""
+    """(text, where it came from) for settings.data, or the downloaded tiny Shakespeare: a
+    regular UTF-8 file of at most cli.CORPUS_LIMIT bytes."""
     path = Path(settings.data) if settings.data else download_tiny_shakespeare()
-    try:
-        text = path.read_text(encoding="utf-8")
-    except OSError as e:
-        raise ValueError(f"--data={path}: cannot read the corpus ({e.strerror})") from None
-    except UnicodeDecodeError:
-        raise ValueError(f"--data={path}: the corpus is not UTF-8 text") from None
+    text = cli.read_user_text(str(path), f"--data={path}", what="a text corpus",
+                              limit=cli.CORPUS_LIMIT)
     return text, path
+
+
+CHECKPOINT_FILES = ("model.safetensors", "config.json", "ckpt.pt")
+
+
+def check_out_dir(s):
+    """--out_dir: writable (or creatable), and holding no checkpoint unless --overwrite."""
+    cli.check_writable_dir(s.out_dir, f"--out_dir={s.out_dir}")
+    existing = [name for name in CHECKPOINT_FILES
+                if os.path.lexists(os.path.join(s.out_dir, name))]
+    if existing and not s.overwrite:
+        raise SettingsError(f"--out_dir={s.out_dir}: holds a checkpoint ({existing[0]}); choose "
+                            f"another --out_dir, or add --overwrite to replace it")
+
+
+def training_bytes(s, vocab_size):
+    """Memory a training step needs, estimated: the weights with their gradients and AdamW's
+    two moments (4 copies of float32), and the activations autograd keeps for one batch
+    (Korthikanti et al. 2022: ~34 x n_embd + 5 x n_head x block_size values per position and
+    layer, counted at 4 bytes), plus the logits and their gradient."""
+    params = 12 * s.n_layer * s.n_embd ** 2 + (vocab_size + s.block_size) * s.n_embd
+    positions = s.batch_size * s.block_size
+    activations = positions * s.n_layer * (34 * s.n_embd + 5 * s.n_head * s.block_size) * 4
+    logits = 3 * positions * vocab_size * 4
+    return 16 * params, activations + logits
+
+
+def check_memory(s, vocab_size):
+    """Refuse, before allocating, a model or a batch that cannot fit in the memory left."""
+    free = cli.available_memory_bytes("cpu")
+    if free is None:
+        return
+    weights, batch = training_bytes(s, vocab_size)
+    limit = free * 0.8
+    if weights > limit:
+        raise SettingsError(f"--n_layer={s.n_layer}, --n_embd={s.n_embd}: the model's weights "
+                            f"with their gradients and AdamW's state need about "
+                            f"{cli.gib(weights)}, more than the {cli.gib(limit)} this run may use")
+    if weights + batch > limit:
+        fits = max(1, int(s.batch_size * (limit - weights) / batch))
+        raise SettingsError(f"--batch_size={s.batch_size}: a step needs about "
+                            f"{cli.gib(weights + batch)} ({s.batch_size} x {s.block_size} "
+                            f"characters of activations, the weights and AdamW's state), more "
+                            f"than the {cli.gib(limit)} this run may use; use "
+                            f"--batch_size={fits} or less")
 
 
 def split_corpus(ids, val_fraction, block_size):
@@ -126,6 +187,8 @@ def split_corpus(ids, val_fraction, block_size):
 
 def get_batch(ids, batch_size, block_size, generator):
     """Random windows of `ids` (N,): inputs x and next-character targets y, both (B, T)."""
+    import torch
+
     starts = torch.randint(len(ids) - block_size, (batch_size,), generator=generator)  # (B,)
     offsets = torch.arange(block_size)  # (T,)
     x = ids[starts[:, None] + offsets]      # (B, T)
@@ -144,6 +207,8 @@ def lr_at(step, s):
 
 
 def make_optimizer(model, s):
+    import torch
+
     # Decay the matrices and embeddings; LayerNorm gains (and any biases) are left alone.
     params = [p for p in model.parameters() if p.requires_grad]  # wte/lm_head appear once
     decay = [p for p in params if p.dim() >= 2]
@@ -154,39 +219,66 @@ def make_optimizer(model, s):
 
 
 def compute_loss(model, x, y, autocast):
+    import torch
+    from torch.nn import functional as F
+
     with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast == "bfloat16"):
         logits = model(x)  # (B, T, V)
     # the loss in float32 even under autocast: a bfloat16 log-softmax loses digits
     return F.cross_entropy(logits.float().view(-1, logits.size(-1)), y.view(-1))
 
 
-@torch.no_grad()
 def estimate_loss(model, ids, batches, batch_size, block_size, seed, autocast="none"):
     """(mean, standard error) of the loss over `batches` random windows drawn with `seed`.
 
     The same seed gives the same windows, so estimates during a run compare like with like.
     """
+    import torch
+
     was_training = model.training
     model.eval()
     generator = torch.Generator().manual_seed(seed)
     losses = torch.empty(batches)
-    for i in range(batches):
-        x, y = get_batch(ids, batch_size, block_size, generator)
-        losses[i] = compute_loss(model, x, y, autocast)
+    with torch.no_grad():
+        for i in range(batches):
+            x, y = get_batch(ids, batch_size, block_size, generator)
+            losses[i] = compute_loss(model, x, y, autocast)
     model.train(was_training)
     sem = losses.std().item() / math.sqrt(batches) if batches > 1 else float("nan")
     return losses.mean().item(), sem
 
 
+class TrainingFailed(Exception):
+    """The run cannot go on (the loss stopped being finite): one line, exit code 1."""
+
+
+def _finite_or_stop(value, what, step, lr):
+    if not math.isfinite(value):
+        raise TrainingFailed(f"the {what} became {value} at step {step} (learning rate "
+                             f"{lr:.2e}); stopped, nothing was saved; lower --learning_rate, or "
+                             f"set --grad_clip (e.g. 1.0)")
+
+
 def train(s, log=print):
-    """Train per `s` and write the checkpoint to s.out_dir; returns (model, its "training" record)."""
+    """Train per `s` and write the checkpoint to s.out_dir; returns (model, its "training" record).
+
+    Raises SettingsError for what is found before the first step (the corpus, --out_dir, the
+    memory), TrainingFailed when the loss stops being finite (nothing is saved then).
+    """
+    text, corpus_path = read_corpus(s)
+    chars = sorted(set(text))
+    check_out_dir(s)
+    check_memory(s, len(chars))
+    cli.check_interrupted()  # a Ctrl-C that a library swallowed while these loaded
+
+    import torch
+
     from nanosample import loader
+    from nanosample.model import GPT, GPTConfig
     from nanosample.tokenizer import CharTokenizer
 
     torch.set_num_threads(s.threads)
     torch.manual_seed(s.seed)
-    text, corpus_path = read_corpus(s)
-    chars = sorted(set(text))
     tokenizer = CharTokenizer(chars)
     ids = torch.tensor(tokenizer.encode(text), dtype=torch.long)  # (N,)
     train_ids, val_ids = split_corpus(ids, s.val_fraction, s.block_size)
@@ -219,6 +311,8 @@ def train(s, log=print):
             torch.nn.utils.clip_grad_norm_(model.parameters(), s.grad_clip)
         optimizer.step()
         running.append(loss.item())
+        _finite_or_stop(running[-1], "training loss", step + 1, lr)
+        cli.check_interrupted()
 
         done = step + 1
         if done % s.log_interval == 0 or done == s.max_iters:
@@ -244,6 +338,8 @@ def train(s, log=print):
                    block_size=s.block_size, seed=val_seed)
     val_loss, val_sem = estimate_loss(model, val_ids, **measure)
     train_loss, train_sem = estimate_loss(model, train_ids, **{**measure, "batches": s.train_eval_batches})
+    _finite_or_stop(val_loss, "validation loss", s.max_iters, lr_at(s.max_iters - 1, s))
+    _finite_or_stop(train_loss, "final training loss", s.max_iters, lr_at(s.max_iters - 1, s))
     total_seconds = time.perf_counter() - start
     log(f"final: val loss {val_loss:.4f} +- {val_sem:.4f}, train loss {train_loss:.4f} "
         f"+- {train_sem:.4f} ({s.final_eval_batches} / {s.train_eval_batches} batches of {s.final_eval_batch_size} x "
@@ -276,7 +372,11 @@ def train(s, log=print):
         "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", ""),
         "machine": platform.processor() or platform.machine(),
     }
-    loader.save_native(model, tokenizer, s.out_dir, record)
+    try:
+        loader.save_native(model, tokenizer, s.out_dir, record)
+    except OSError as e:  # a full disk: save_native writes each file whole or not at all
+        raise TrainingFailed(f"--out_dir={s.out_dir}: cannot write the checkpoint "
+                             f"({e.strerror}); the trained model is lost") from None
     log(f"saved {s.out_dir}")
     return model, record
 
@@ -287,17 +387,20 @@ DESCRIPTION = ("Train the character-level model that sample.py loads by default 
 
 
 def main(argv=None):
+    """Exit code: 0, 1 (failed midway), 2 (bad input) or 130 (interrupted), as cli.py says."""
+    return cli.run_script(_main, argv, interrupted="interrupted: nothing was saved")
+
+
+def _main(argv):
     settings, code = parse_for_main(TrainSettings, argv, prog="train.py", description=DESCRIPTION)
     if settings is None:
         return code
     try:
         train(settings)
-    except ValueError as e:  # the corpus: unreadable, not UTF-8, too short, not downloadable
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("\ninterrupted: nothing was saved", file=sys.stderr)
-        return 130
+    except ValueError as e:  # the corpus, --out_dir, the memory: found before the first step
+        return cli.report_error(e)
+    except TrainingFailed as e:
+        return cli.report_error(e, cli.EXIT_FAILED)
     return 0
 
 

@@ -18,6 +18,7 @@ another way, so the trace is true to the output. Explain mode costs nothing when
 generate() calls `trace` only when one is given, and this module is imported only then.
 """
 
+import contextlib
 import json
 import math
 import os
@@ -27,13 +28,17 @@ import unicodedata
 import torch
 
 from nanosample import sampling
+from nanosample.sampler_settings import NUMBERS
 
 SCHEMA_VERSION = 1
 
 JSONL_SCHEMA = """\
 One JSON object per line: one per generated token (step) of each sample, in the order they were
 generated (the samples of one batch interleave, step by step; sort by (sample, step) if needed).
-Probabilities are floats in [0, 1]; entropies are in bits.
+Probabilities are floats in [0, 1]; entropies are in bits. With --draw=multinomial (nanoGPT's
+draw) each record also has "draw": "multinomial" after u, and u is null: the token came from
+torch.multinomial on the run's one shared stream, not from an interval holding a u; q and the
+running sums (cum_before, cum_after) still give the distribution it was drawn from.
 
 version                int         1; raised when a key changes meaning or disappears
 sample                 int         the sample's index (its random stream derives from (seed, sample))
@@ -71,8 +76,10 @@ candidates             list        the top explain_top tokens by final probabili
   p_tempered           float|null  softmax of the adjusted logits / temperature, whole vocabulary;
                                    null when greedy
   top_k                bool|null   kept by top-k; null when top-k is off or greedy
-  top_p                bool|null   kept by top-p (on what top-k left); null when off or greedy
-  min_p                bool|null   kept by min-p; null when off or greedy
+  top_p                bool|null   kept by top-p, which sees what top-k left (false for a token
+                                   top-k dropped); null when off or greedy
+  min_p                bool|null   kept by min-p and by the filters before it (false for a token
+                                   top-k or top-p dropped); null when off or greedy
   penalized            bool|null   the penalties changed its logit; null when no penalty is on
   kept                 bool        survived every filter, so it could be drawn
   q                    float       final probability: softmax over the kept tokens; 0 if dropped
@@ -199,19 +206,16 @@ def explain_rows(trace, tokenizer, rows, top=10):
             })
         u = float(result.u[r])
         kept_q = q[r, :n_kept]
-        records.append({
+        record = {
             "version": SCHEMA_VERSION,
             "sample": int(trace.samples[r]),
             "step": int(trace.step),
             "position": int(trace.position),
-            "settings": {"temperature": float(s.temperature), "top_k": int(s.top_k),
-                         "top_p": float(s.top_p), "min_p": float(s.min_p),
-                         "repetition_penalty": float(s.repetition_penalty),
-                         "frequency_penalty": float(s.frequency_penalty),
-                         "presence_penalty": float(s.presence_penalty)},
+            "settings": {n.name: type(n.off)(getattr(s, n.name)) for n in NUMBERS},
             "greedy": greedy,
             "bias_or_penalties": adjusting[i],
             "u": None if greedy or math.isnan(u) else u,
+            **({"draw": "multinomial"} if trace.draw == "multinomial" else {}),
             "chosen_id": token,
             "chosen_text": tokenizer.token_text(token),
             "chosen_rank": rank + 1,
@@ -220,7 +224,8 @@ def explain_rows(trace, tokenizer, rows, top=10):
             "entropy_bits": max(0.0, float(_entropy_bits(kept_q.log()[None])[0])),
             "entropy_tempered_bits": None if greedy else entropy_tempered[i],
             "candidates": listed,
-        })
+        }
+        records.append(record)
     return records
 
 
@@ -324,8 +329,11 @@ def format_table(record):
         if c["chosen"]:
             chosen = c
     shown = f'"{visible_text(chosen["text"])}" (rank {chosen["rank"]}, id {chosen["id"]})'
-    if record["u"] is None:
+    if record["greedy"]:
         lines.append(f"greedy: no draw; selected {shown}, the most likely token")
+    elif record.get("draw") == "multinomial":
+        lines.append(f"torch.multinomial (nanoGPT's draw, one stream for the run; no u): "
+                     f"selected {shown}")
     else:
         lines.append(f"u = {record['u']:.4f}, in [{chosen['cum_before']:.4f}, "
                      f"{chosen['cum_after']:.4f}): selected {shown}")
@@ -346,11 +354,16 @@ class Explainer:
     table_sample: the sample whose steps are shown as tables on `table_stream` and kept in
     `records` for the plot. jsonl_path: every step of every sample, one line each, flushed as
     it goes; an existing file is an error unless `overwrite`. plot_path: drawn by close().
+    html_path: the explorer page of every step of every sample (explorer.py), written by close();
+    `run` holds what the records do not: {"prompt": text, "seed": int, "model": name}.
+    outputs: {"explain_file" | "plot" | "html": cli.OutputFile}, as sample.py makes them: the
+    file is then written beside its path and put in place by close(), whole (two runs never
+    interleave), and a failed write is a cli.RunError naming the flag.
     """
 
     def __init__(self, tokenizer, table_sample=0, top=10, table_stream=None, jsonl_path=None,
                  record_for_plot=False, plot_path=None, plot_step=0, overwrite=False,
-                 messages=None):
+                 messages=None, html_path=None, run=None, outputs=None):
         assert top >= 1
         self.tokenizer = tokenizer
         self.table_sample = table_sample
@@ -360,21 +373,30 @@ class Explainer:
         self.record_for_plot = record_for_plot or plot_path is not None
         self.messages = messages if messages is not None else sys.stderr
         self.records = []  # table_sample's records, when recording for a plot
+        self.html_path, self.run = html_path, run
+        self.all_records = []  # every sample's records, for the explorer page
+        self.outputs = outputs or {}
         self.jsonl = None
-        if jsonl_path is not None:
+        self.jsonl_name = f"--explain_file={jsonl_path}"
+        if "explain_file" in self.outputs:
+            self.jsonl = self.outputs["explain_file"].open("w", encoding="utf-8")
+        elif jsonl_path is not None:
             # "x": never replace a file the CLI did not agree to replace (and no race after its check)
             self.jsonl = open(jsonl_path, "w" if overwrite else "x", encoding="utf-8")
         self.closed = False
 
     def __call__(self, trace):
         rows = [r for r, (sample, active) in enumerate(zip(trace.samples, trace.active))
-                if active and (self.jsonl is not None or sample == self.table_sample
+                if active and (self.jsonl is not None or self.html_path is not None
+                               or sample == self.table_sample
                                and (self.table_stream is not None or self.record_for_plot))]
         if not rows:
             return
         for record in explain_rows(trace, self.tokenizer, rows, self.top):
             if self.jsonl is not None:
-                self.jsonl.write(json.dumps(record, ensure_ascii=False, allow_nan=False) + "\n")
+                self._write_jsonl(json.dumps(record, ensure_ascii=False, allow_nan=False) + "\n")
+            if self.html_path is not None:
+                self.all_records.append(record)
             if record["sample"] == self.table_sample:
                 if self.table_stream is not None:
                     self.table_stream.write(format_table(record) + "\n\n")
@@ -382,17 +404,63 @@ class Explainer:
                 if self.record_for_plot:
                     self.records.append(record)
         if self.jsonl is not None:
-            self.jsonl.flush()  # an interrupted run keeps every finished step
+            self._write_jsonl(None)  # flushed: an interrupted run keeps every finished step
+
+    def _write_jsonl(self, line):
+        from nanosample.cli import RunError
+
+        try:
+            if line is None:
+                self.jsonl.flush()
+            else:
+                self.jsonl.write(line)
+        except OSError as e:  # a full disk: the run stops; the file is dropped, not left half
+            jsonl, self.jsonl = self.jsonl, None
+            with contextlib.suppress(OSError):
+                jsonl.close()
+            if "explain_file" in self.outputs:
+                self.outputs["explain_file"].discard()
+            raise RunError(f"{self.jsonl_name}: cannot write it ({e.strerror})") from None
 
     def close(self):
-        """Finish the outputs: close the JSON Lines file, draw the plot. Safe to call twice."""
+        """Finish the outputs: close the JSON Lines file, draw the plot, write the page. Safe to
+        call twice."""
         if self.closed:
             return
         self.closed = True
         if self.jsonl is not None:
+            self._write_jsonl(None)
             self.jsonl.close()
+            if "explain_file" in self.outputs:
+                self.outputs["explain_file"].commit()
         if self.plot_path is not None:
             self._plot()
+        if self.html_path is not None:
+            self._html()
+
+    def _html(self):
+        from nanosample import explorer
+
+        flag = f"--html={self.html_path}"
+        if not self.all_records:
+            print(f"warning: {flag}: no tokens were generated; no page written", file=self.messages)
+            return
+        output = self.outputs.get("html")
+        try:
+            if output is None:
+                explorer.write_html(self.all_records, self.html_path, self.run,
+                                    overwrite=self.overwrite)
+            else:
+                explorer.write_html(self.all_records, output.write_path, self.run, overwrite=True)
+                output.commit()
+        except FileExistsError:
+            print(f"warning: {flag}: the file appeared during the run; not replaced (add "
+                  f"--overwrite to replace it)", file=self.messages)
+        except OSError as e:  # a full disk
+            from nanosample.cli import RunError
+            if output is not None:
+                output.discard()
+            raise RunError(f"{flag}: cannot write it ({e.strerror})") from None
 
     def _plot(self):
         flag = f"--plot={self.plot_path}"
@@ -407,11 +475,21 @@ class Explainer:
             print(f"warning: {flag}: sample {self.table_sample} has no step {self.plot_step} "
                   f"(it ended after {len(steps)} tokens); drawing its last step, {step}",
                   file=self.messages)
+        output = self.outputs.get("plot")
         try:
-            plot_explained(self.records, self.plot_path, step, overwrite=self.overwrite)
+            if output is None:
+                plot_explained(self.records, self.plot_path, step, overwrite=self.overwrite)
+            else:
+                plot_explained(self.records, output.write_path, step, overwrite=True)
+                output.commit()
         except FileExistsError:
             print(f"warning: {flag}: the file appeared during the run; not replaced (add "
                   f"--overwrite to replace it)", file=self.messages)
+        except OSError as e:  # a full disk
+            from nanosample.cli import RunError
+            if output is not None:
+                output.discard()
+            raise RunError(f"{flag}: cannot write it ({e.strerror})") from None
 
 
 def require_matplotlib(flag="--plot"):
@@ -424,21 +502,36 @@ def require_matplotlib(flag="--plot"):
                             f"pip install matplotlib (or pip install -e '.[plot]')") from None
 
 
-def open_trace(settings, tokenizer):
+def open_trace(settings, tokenizer, prompt_ids=None, outputs=None):
     """sample.py's hook: the trace callable for a run's SampleSettings (see sample.py).
 
+    prompt_ids: the prompt as the model saw it, for the explorer page's header (--html).
+    `outputs`: the cli.OutputFile of --explain_file, --plot and --html, already checked
+    (sample.py makes them before the model loads); made here when not given.
     Raises settings.SettingsError for a user's mistake: matplotlib missing for --plot, or an
     --explain_file that cannot be written.
     """
+    from nanosample.cli import OutputFile
     from nanosample.settings import SettingsError
 
     if settings.plot is not None:
         require_matplotlib(f"--plot={settings.plot}")
+    html = getattr(settings, "html", None)
+    run = None
+    if html is not None:
+        run = {"prompt": None if prompt_ids is None else tokenizer.decode(prompt_ids),
+               "seed": settings.seed,
+               "model": settings.out_dir if settings.init_from == "resume" else settings.init_from}
+    if outputs is None:
+        outputs = {flag: OutputFile(path, f"--{flag}={path}", overwrite=settings.overwrite)
+                   for flag, path in (("explain_file", settings.explain_file),
+                                      ("plot", settings.plot), ("html", html)) if path is not None}
     try:
         return Explainer(tokenizer, table_sample=settings.explain_sample, top=settings.explain_top,
                          table_stream=sys.stderr if settings.explain else None,
                          jsonl_path=settings.explain_file, plot_path=settings.plot,
-                         plot_step=settings.plot_step, overwrite=settings.overwrite)
+                         plot_step=settings.plot_step, overwrite=settings.overwrite,
+                         html_path=html, run=run, outputs=outputs)
     except FileExistsError:
         raise SettingsError(f"--explain_file={settings.explain_file}: the file exists; choose "
                             f"another path, or add --overwrite to replace it") from None
@@ -537,7 +630,8 @@ def plot_explained(records, path, step, overwrite=False):
         legend.append(cumulative.axhline(record["u"], color="#333333", ls="--", lw=1,
                                          label=f"u = {record['u']:.4f}"))
     else:
-        cumulative.text(0.02, 0.95, "greedy: no draw, the most likely token",
+        cumulative.text(0.02, 0.95, "greedy: no draw, the most likely token" if record["greedy"]
+                        else "torch.multinomial (nanoGPT's draw): no u",
                         transform=cumulative.transAxes, va="top")
     shown = max(c["cum_after"] for _, c in kept)
     if shown < 1 - 1e-9:
@@ -579,3 +673,16 @@ def plot_explained(records, path, step, overwrite=False):
     suffix = os.path.splitext(path)[1].lower().lstrip(".") or "png"
     with open(path, "wb" if overwrite else "xb") as f:
         fig.savefig(f, format=suffix, dpi=110)
+
+
+# ---------------------------------------------------------------------------------------------
+# python -m nanosample.explain trace.jsonl --html=run.html
+
+def main(argv=None):
+    """The explorer page of a trace that --explain_file wrote (explorer.py owns the command)."""
+    from nanosample import explorer
+    return explorer.main(argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -9,16 +9,22 @@ Past the context: GPT-2's positions are absolute, so a full cache cannot slide o
 the context is full and another token must be fed, the model keeps the last `block_size // 2`
 tokens, computes them again as a fresh prompt (one prefill), and goes on decoding from there.
 The context it sees therefore shrinks to half a block and grows back to a full one, over and
-over; `context_start` states the rule for a reference loop without a cache.
+over; `context_start` states the rule for a reference loop without a cache. `context="crop"`
+is nanoGPT's rule instead: the last `block_size` tokens, computed again at every step.
+
+nanoGPT's draw (`draw="multinomial"`, sample.py's configs/nanogpt.toml): the samples are made
+one after another from one random stream seeded with the seed, as nanoGPT's sample.py does
+(`nanogpt_generator`), each step `sampling.multinomial_step`.
 """
 
 import codecs
+import math
 from dataclasses import dataclass
 
 import torch
 
 from nanosample.model import KVCache
-from nanosample.sampling import BatchParams, SamplingParams, sample_step
+from nanosample.sampling import BatchParams, SamplingParams, multinomial_step, sample_step
 
 
 @dataclass
@@ -40,6 +46,7 @@ class TraceStep:
     raw_logits: torch.Tensor  # (B, V) the model's logits
     params: BatchParams
     result: object         # sampling.Step
+    draw: str = "inverse_cdf"  # or "multinomial": nanoGPT's draw, no u
 
 
 def context_start(length, start, block_size):
@@ -66,6 +73,58 @@ def sample_generator(seed, index):
     generator = torch.Generator(device="cpu")
     generator.manual_seed(sample_seed(seed, index))
     return generator
+
+
+def nanogpt_generator(seed, config, device):
+    """The stream nanoGPT's sample.py draws its tokens from, as a generator of our own.
+
+    nanoGPT calls torch.manual_seed(seed) and torch.cuda.manual_seed(seed), then builds its
+    GPT on the CPU before loading the checkpoint into it, and that initialisation draws from
+    the CPU stream. Its tokens on the CPU therefore come after those draws, which we repeat
+    (`_draw_like_nanogpt_init`); on a GPU they come from the CUDA stream, which the
+    initialisation never touches.
+    """
+    generator = torch.Generator(device=device)
+    generator.manual_seed(seed)
+    if generator.device.type == "cpu":
+        _draw_like_nanogpt_init(config, generator)
+    return generator
+
+
+def _draw_like_nanogpt_init(config, generator):
+    """Draw from `generator` what nanoGPT's GPT(config) draws from the CPU stream.
+
+    Same calls, same shapes, same order, on a scratch buffer (their values do not matter,
+    only how many numbers each call uses): first each module's own initialisation as it is
+    built (nn.Embedding: normal_; nn.Linear: kaiming_uniform_ on the weight, uniform_ on the
+    bias), then `self.apply(_init_weights)` (normal_ on every Linear and Embedding weight,
+    the tied wte/lm_head twice), then normal_ again on every c_proj weight.
+    """
+    V, T, C, L = config.vocab_size, config.block_size, config.n_embd, config.n_layer
+    linears = [(3 * C, C), (C, C), (4 * C, C), (C, 4 * C)]  # attn.c_attn, attn.c_proj, mlp.c_fc, mlp.c_proj
+    scratch = torch.empty(max(V, T, 4 * C) * C)
+
+    def tensor(*shape):
+        return scratch[:math.prod(shape)].view(shape)
+
+    g = generator
+    tensor(V, C).normal_(generator=g)                                   # wte
+    tensor(T, C).normal_(generator=g)                                   # wpe
+    for _ in range(L):
+        for out_features, in_features in linears:
+            tensor(out_features, in_features).uniform_(generator=g)
+            if config.bias:
+                tensor(out_features).uniform_(generator=g)
+    tensor(V, C).uniform_(generator=g)                                  # lm_head (no bias)
+    tensor(V, C).normal_(generator=g)                                   # apply: wte
+    tensor(T, C).normal_(generator=g)                                   #        wpe
+    for _ in range(L):
+        for shape in linears:
+            tensor(*shape).normal_(generator=g)                         #        h.i (biases: zeros_)
+    tensor(V, C).normal_(generator=g)                                   #        lm_head (= wte)
+    for _ in range(L):
+        tensor(C, C).normal_(generator=g)                               # attn.c_proj
+        tensor(C, 4 * C).normal_(generator=g)                           # mlp.c_proj
 
 
 class TextStream:
@@ -114,14 +173,16 @@ class TextStream:
 
 def generate(model, tokenizer, prompt_ids, params, *, num_samples=1, max_new_tokens=100,
              seed=1337, batch_size=None, stop=(), stop_at_eot=True, trace=None,
-             first_sample=0, window=256):
+             first_sample=0, window=256, draw="inverse_cdf", context="half"):
     """Generate `num_samples` continuations of `prompt_ids`, yielding `Piece`s as they come.
 
     `params` is one `SamplingParams` for every sample or a list with one per sample. Samples
     are run `batch_size` at a time (all at once by default); sample i's text depends only on
     (weights, prompt, its settings, seed, i), however the samples are batched. Pieces of the
     samples of one batch arrive interleaved, step by step. `trace`, when given, is called
-    with a `TraceStep` after every step.
+    with a `TraceStep` after every step. `draw="multinomial"`: nanoGPT's draw, one sample
+    after another from one stream (temperature and top-k only). `context`: "half" or
+    "crop", what happens past block_size (see the top of this file).
     """
     if isinstance(params, SamplingParams):
         params = [params] * num_samples
@@ -130,19 +191,27 @@ def generate(model, tokenizer, prompt_ids, params, *, num_samples=1, max_new_tok
     if not 0 < len(prompt_ids) <= block_size:
         raise ValueError(f"the prompt has {len(prompt_ids)} tokens; it must have 1 to "
                          f"{block_size} (the model's block_size)")
+    assert draw in ("inverse_cdf", "multinomial") and context in ("half", "crop")
     batch_size = num_samples if batch_size is None else batch_size
     assert batch_size >= 1
+    stream = None
+    if draw == "multinomial":
+        # Inverse-CDF is the default: u from each sample's own generator, batch-independent, u traced.
+        # nanoGPT's multinomial gives both up: one stream, samples in turn; the trace has u null.
+        stream = nanogpt_generator(seed, model.config, model.transformer.wte.weight.device)
+        batch_size = 1
     for start in range(0, num_samples, batch_size):
         indices = list(range(start, min(start + batch_size, num_samples)))
         yield from _generate_batch(
             model, tokenizer, prompt_ids, [params[i] for i in indices],
             [first_sample + i for i in indices], max_new_tokens=max_new_tokens, seed=seed,
-            stop=stop, stop_at_eot=stop_at_eot, trace=trace, window=window)
+            stop=stop, stop_at_eot=stop_at_eot, trace=trace, window=window, stream=stream,
+            context=context)
 
 
 @torch.no_grad()
 def _generate_batch(model, tokenizer, prompt_ids, params, samples, *, max_new_tokens, seed,
-                    stop, stop_at_eot, trace, window):
+                    stop, stop_at_eot, trace, window, stream=None, context="half"):
     config = model.config
     weight = model.transformer.wte.weight
     device, dtype = weight.device, weight.dtype
@@ -174,12 +243,17 @@ def _generate_batch(model, tokenizer, prompt_ids, params, samples, *, max_new_to
         counts = torch.zeros(B, config.vocab_size, device=device)
 
     for step in range(max_new_tokens):
-        result = sample_step(logits, batch_params, generators, tokenizer.n_vocab,
-                             seen=seen, counts=counts, window=window,
-                             candidates=trace is not None)  # only the trace reads them
+        if stream is None:
+            result = sample_step(logits, batch_params, generators, tokenizer.n_vocab,
+                                 seen=seen, counts=counts, window=window,
+                                 candidates=trace is not None)  # only the trace reads them
+        else:  # nanoGPT's draw (generate's draw="multinomial")
+            result = multinomial_step(logits, batch_params, stream, tokenizer.n_vocab,
+                                      window=window, candidates=trace is not None)
         if trace is not None:
             trace(TraceStep(samples, list(active), step, len(sequences[0]), logits,
-                            batch_params, result))
+                            batch_params, result,
+                            "inverse_cdf" if stream is None else "multinomial"))
         tokens = result.tokens.tolist()
         last_step = step == max_new_tokens - 1
         for row, token in enumerate(tokens):
@@ -208,7 +282,13 @@ def _generate_batch(model, tokenizer, prompt_ids, params, samples, *, max_new_to
             counts.scatter_add_(1, fed, torch.ones_like(fed, dtype=counts.dtype))
         length = len(sequences[0])
         new_start = context_start(length, start, config.block_size)
-        if new_start != start:
+        if context == "crop" and length > config.block_size:
+            # nanoGPT's rule: the last block_size tokens, computed again at every step.
+            cache.reset()
+            tail = torch.tensor([s[-config.block_size:] for s in sequences], dtype=torch.long,
+                                device=device)                                   # (B, block_size)
+            logits = model(tail, cache=cache, last_only=True)[:, -1]
+        elif new_start != start:
             # The context is full: compute the kept tail again as a fresh prompt.
             start = new_start
             cache.reset()

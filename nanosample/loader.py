@@ -31,14 +31,28 @@ transformers is never imported here (it is a test dependency only).
 
 Every failure a user can cause is a CheckpointError whose message is one line naming the file
 or model name and what to do.
+
+Nothing read from a file is trusted, and each failure comes before its cost: every config value
+is checked (types, ranges, n_embd a multiple of n_head, the size limits below and the parameter
+count they imply, then that count against the device's memory) before a model is built; JSON
+and meta.pkl are read only from regular files of bounded size; a torch.save zip is checked for
+compressed records (a zip bomb) before torch reads it, then memory-mapped; meta.pkl's unpickler
+builds plain values only and never from a size argument; every weight must be a dense float
+tensor, and finite once cast (NaN weights are refused here, not met as NaN logits mid-run).
 """
 
 import contextlib
 import difflib
+import io
 import json
+import math
 import os
 import pickle
+import reprlib
+import stat
 import tempfile
+import warnings
+import zipfile
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
@@ -59,6 +73,20 @@ HF_CONV1D_SUFFIXES = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weig
                       "mlp.c_proj.weight")
 HF_GELU = {"gelu_new": "tanh", "gelu_pytorch_tanh": "tanh", "gelu_fast": "tanh",
            "gelu": "exact"}
+
+# What a checkpoint may declare. Far above every GPT-2-family model (GPT-2 XL: 48 layers,
+# n_embd 1600, 50257 tokens, 1024 positions, 1.56 B parameters), and checked before anything
+# is allocated, so an absurd config.json fails at once instead of exhausting the machine.
+MAX_LAYERS = 1000
+MAX_EMBD = 65536            # also bounds n_head (n_embd must be a multiple of it)
+MAX_VOCAB = 2**20
+MAX_BLOCK_SIZE = 2**20
+MAX_PARAMETERS = 2**34      # ~17 B, 11x GPT-2 XL
+# The files read whole into memory: only regular files, and at most this many bytes.
+MAX_JSON_BYTES = 32 * 2**20     # config.json (a native one lists its characters), the index
+MAX_META_PKL_BYTES = 32 * 2**20
+MAX_DATA_PKL_BYTES = 64 * 2**20  # the pickle inside a torch.save zip (the tensors are beside it)
+MAX_SHARDS = 1024
 
 
 class CheckpointError(ValueError):
@@ -118,8 +146,18 @@ def _resolve_device(device):
 
 
 def _resolve_path(init_from):
-    path = Path(init_from).expanduser()
-    if path.exists():
+    try:
+        path = Path(init_from).expanduser()
+    except RuntimeError:  # "~user/..." for a user that does not exist
+        raise CheckpointError(f"init_from={_short(init_from)}: cannot expand '~' (no such user "
+                              f"or home directory); give the full path") from None
+    try:
+        exists = path.exists()
+    except (OSError, ValueError) as e:  # a name too long, a NUL byte, a folder we may not read
+        reason = e.strerror if isinstance(e, OSError) else str(e)
+        raise CheckpointError(f"init_from={_short(init_from)}: not a usable path "
+                              f"({reason})") from None
+    if exists:
         return path
     shipped = PROJECT_CHECKPOINTS / init_from
     if os.sep not in init_from and shipped.is_dir():
@@ -129,7 +167,7 @@ def _resolve_path(init_from):
     close = difflib.get_close_matches(init_from, known, n=1)
     hint = f"did you mean {close[0]!r}? " if close else ""
     raise CheckpointError(
-        f"init_from={init_from!r}: no such file or directory, and not a known model; {hint}"
+        f"init_from={_short(init_from)}: no such file or directory, and not a known model; {hint}"
         f"use one of {', '.join(known)}, or a path to a checkpoint directory or ckpt.pt")
 
 
@@ -151,14 +189,61 @@ def _load_path(path, device, dtype):
         f"(our format or Hugging Face's) or pytorch_model.bin, or nanoGPT's ckpt.pt")
 
 
-def _read_json(path):
+def _read_bounded(path, limit):
+    """The bytes of `path`, which must be a regular file of at most `limit` bytes.
+
+    Opened without blocking and checked before reading: a FIFO would wait for a writer forever
+    and a device (/dev/zero) would never end.
+    """
     try:
-        with open(path, encoding="utf-8") as f:
-            config = json.load(f)
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
     except OSError as e:
         raise CheckpointError(f"{path}: cannot read it ({e.strerror})") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise CheckpointError(f"{path}: not valid JSON ({e}); the file is damaged") from None
+    with open(fd, "rb") as f:
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode):
+            raise CheckpointError(f"{path}: not a regular file (a FIFO, device or socket); "
+                                  f"a checkpoint's files must be ordinary files")
+        if info.st_size > limit:
+            raise CheckpointError(f"{path}: {info.st_size} bytes, over the {_mib(limit)} limit "
+                                  f"for this file; it is not a GPT-2 checkpoint's")
+        try:
+            data = f.read(limit + 1)
+        except OSError as e:
+            raise CheckpointError(f"{path}: cannot read it ({e.strerror})") from None
+    if len(data) > limit:  # it grew while we read it
+        raise CheckpointError(f"{path}: over the {_mib(limit)} limit for this file")
+    return data
+
+
+def _mib(n):
+    return f"{n / 2**20:g} MiB"
+
+
+_REPR = reprlib.Repr()
+_REPR.maxstring = _REPR.maxother = 40
+_REPR.maxlevel = 2
+
+
+def _short(value):
+    """repr(value), shortened, for echoing a value read from a file in a one-line message."""
+    if isinstance(value, int) and value.bit_length() > 128:  # repr of a huge int is slow or fails
+        return f"<an integer of {value.bit_length()} bits>"
+    try:
+        return _REPR.repr(value)
+    except Exception:  # a huge int inside a list, ...
+        return f"<a {type(value).__name__}>"
+
+
+def _read_json(path):
+    data = _read_bounded(path, MAX_JSON_BYTES)
+    try:
+        config = json.loads(data.decode("utf-8"))
+    except (ValueError, UnicodeDecodeError) as e:  # JSONDecodeError, an int over 4300 digits
+        raise CheckpointError(f"{path}: not valid JSON ({_first_sentence(e)}); the file is "
+                              f"damaged") from None
+    except RecursionError:
+        raise CheckpointError(f"{path}: not a config: its JSON is nested too deeply") from None
     if not isinstance(config, dict):
         raise CheckpointError(f"{path}: expected a JSON object, got {type(config).__name__}")
     return config
@@ -173,6 +258,7 @@ def _build_model(config, state_dict, device, dtype, source):
     the meta device, so no memory is spent on an initialisation the checkpoint overwrites;
     each tensor is read, cast and moved once, then assigned.
     """
+    _check_fits_in_memory(config, device, dtype, source)
     with torch.device("meta"), _init_skipped():
         model = GPT(config)
     expected = {k: v.shape for k, v in model.state_dict().items() if k != "lm_head.weight"}
@@ -184,11 +270,46 @@ def _build_model(config, state_dict, device, dtype, source):
             t = t.read(device, dtype)
         # a copy only where dtype, device or layout differ: fp32 on the CPU stays memory-mapped
         tensors[name] = t.to(device=device, dtype=dtype, memory_format=torch.contiguous_format)
+        _check_finite(tensors[name], name, dtype, source)
     tensors["lm_head.weight"] = tensors["transformer.wte.weight"]
     model.load_state_dict(tensors, strict=True, assign=True)
     model.lm_head.weight = model.transformer.wte.weight  # assign=True made two Parameters: re-tie
     assert not any(p.is_meta for p in model.parameters()), "a parameter was not loaded"
     return model
+
+
+def _check_finite(t, name, dtype, source):
+    """Refuse NaN or infinite weights at load, not as NaN logits in the middle of a run.
+
+    aminmax reads the tensor once and allocates nothing; NaN propagates into both results.
+    """
+    lo, hi = torch.aminmax(t)
+    if not (torch.isfinite(lo) and torch.isfinite(hi)).item():
+        hint = ("; the checkpoint is damaged (a diverged training run?)" if dtype != torch.float16
+                else " in float16, whose largest value is 65504: load it in float32 or bfloat16")
+        raise CheckpointError(f"{source}: {name} holds NaN or infinite values{hint}")
+
+
+def _device_memory(device):
+    """Bytes of memory on `device`, or None where it cannot be told."""
+    try:
+        if device.type == "cpu":
+            return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+        if device.type == "cuda":
+            return torch.cuda.get_device_properties(device).total_memory
+    except (ValueError, OSError, AttributeError, RuntimeError):
+        pass
+    return None
+
+
+def _check_fits_in_memory(config, device, dtype, source):
+    """Refuse, before anything is allocated, a model larger than the device's whole memory."""
+    need = parameter_count(config) * dtype.itemsize
+    have = _device_memory(device)
+    if have is not None and need > have:
+        raise CheckpointError(f"{source}: the model needs {need / 1e9:.3g} GB in "
+                              f"{str(dtype).removeprefix('torch.')} but {device.type} has "
+                              f"{have / 1e9:.3g} GB in all")
 
 
 @contextlib.contextmanager
@@ -211,6 +332,18 @@ def _init_skipped():
 
 
 def _check_weights_match(state_dict, expected, source):
+    for k, t in state_dict.items():
+        if not isinstance(t, (torch.Tensor, _SafetensorsTensor)):
+            name = k if isinstance(k, str) and len(k) <= 80 else _short(k)
+            raise CheckpointError(f"{source}: {name} is a {type(t).__name__}, not a tensor")
+        if isinstance(t, torch.Tensor) and k in expected:
+            if t.layout != torch.strided:
+                raise CheckpointError(f"{source}: {k} is a {t.layout} tensor; only dense tensors "
+                                      f"can be loaded")
+            if t.is_meta or t.is_quantized:
+                raise CheckpointError(f"{source}: {k} is a {'meta' if t.is_meta else 'quantized'} "
+                                      f"tensor{' and holds no values' if t.is_meta else ''}; "
+                                      f"only dense float tensors can be loaded")
     missing = [k for k in expected if k not in state_dict]
     unexpected = [k for k in state_dict if k not in expected]
     wrong = [k for k in expected if k in state_dict and tuple(state_dict[k].shape) != expected[k]]
@@ -234,22 +367,63 @@ def _check_weights_match(state_dict, expected, source):
             raise CheckpointError(f"{source}: {k} holds {state_dict[k].dtype}, not floats")
 
 
-def _config_from_dict(values, source, **overrides):
-    """GPTConfig from a dict of its fields; unknown or bad values are a CheckpointError."""
+SIZE_LIMITS = {"block_size": MAX_BLOCK_SIZE, "vocab_size": MAX_VOCAB, "n_layer": MAX_LAYERS,
+               "n_head": MAX_EMBD, "n_embd": MAX_EMBD}
+
+
+def _config_from_dict(values, source, file_names=None, **overrides):
+    """GPTConfig from a dict of its fields; unknown or bad values are a CheckpointError.
+
+    Every value is checked here, before any model is built: types, ranges, n_embd a multiple of
+    n_head, and the parameter count the sizes imply, so an absurd config fails at once.
+    Messages name a field as the file does: `file_names` maps ours to the file's (block_size is
+    Hugging Face's n_positions).
+    """
+    def name(f):
+        return (file_names or {}).get(f, f)
+
     names = {f.name for f in fields(GPTConfig)}
-    unknown = sorted(set(values) - names)
+    unknown = sorted(str(k) for k in set(values) - names)
     if unknown:
-        raise CheckpointError(f"{source}: unknown model config field {unknown[0]!r}; "
+        raise CheckpointError(f"{source}: unknown model config field {_short(unknown[0])}; "
                               f"known: {', '.join(sorted(names))}")
-    try:
-        config = GPTConfig(**{**values, **overrides})
-    except (AssertionError, TypeError) as e:
-        raise CheckpointError(f"{source}: invalid model config {values}: {e}") from None
-    for f in ("block_size", "vocab_size", "n_layer", "n_head", "n_embd"):
-        v = getattr(config, f)
-        if not isinstance(v, int) or isinstance(v, bool) or v <= 0:
-            raise CheckpointError(f"{source}: model config {f}={v!r}: must be a positive integer")
+    values = {**asdict(GPTConfig()), **values, **overrides}
+    for f, limit in SIZE_LIMITS.items():
+        v = values[f]
+        if not isinstance(v, int) or isinstance(v, bool) or not 1 <= v <= limit:
+            raise CheckpointError(f"{source}: model config {name(f)}={_short(v)}: must be a "
+                                  f"positive integer, at most {limit} (no GPT-2-family model is "
+                                  f"larger)")
+    if values["n_embd"] % values["n_head"]:
+        raise CheckpointError(f"{source}: model config n_embd={values['n_embd']} is not a multiple "
+                              f"of n_head={values['n_head']}")
+    eps = values["layer_norm_epsilon"]
+    if (not isinstance(eps, (int, float)) or isinstance(eps, bool) or not math.isfinite(eps)
+            or not 0 < eps < 1):
+        raise CheckpointError(f"{source}: model config layer_norm_epsilon={_short(eps)}: must be "
+                              f"a number between 0 and 1 (GPT-2's is 1e-5)")
+    if not isinstance(values["bias"], bool):
+        raise CheckpointError(f"{source}: model config bias={_short(values['bias'])}: must be "
+                              f"true or false")
+    if values["gelu"] not in ("tanh", "exact"):  # both strings: an unhashable value is just unequal
+        raise CheckpointError(f"{source}: model config gelu={_short(values['gelu'])}: must be "
+                              f"'tanh' or 'exact'")
+    config = GPTConfig(**values)
+    n = parameter_count(config)
+    if n > MAX_PARAMETERS:
+        raise CheckpointError(f"{source}: the model config describes {n / 1e9:.3g} billion "
+                              f"parameters, over the limit of {MAX_PARAMETERS / 1e9:.3g} billion "
+                              f"(GPT-2 XL has 1.56)")
     return config
+
+
+def parameter_count(config):
+    """The number of parameters GPT(config) holds (lm_head is wte), from the sizes alone."""
+    C = config.n_embd
+    norm = 2 * C if config.bias else C                   # a LayerNorm: weight (+ bias)
+    biases = 9 * C if config.bias else 0                 # c_attn 3C, c_proj C, c_fc 4C, c_proj C
+    block = 12 * C * C + biases + 2 * norm               # c_attn 3C², c_proj C², MLP 8C²
+    return (config.vocab_size + config.block_size) * C + config.n_layer * block + norm
 
 
 # ----------------------------------------------------------------------------- safetensors
@@ -309,6 +483,7 @@ def _read_safetensors(path):
     """{name: _SafetensorsTensor} of a safetensors file; only the header is read here."""
     from safetensors import safe_open
 
+    _check_regular_file(path)
     try:
         f = safe_open(str(path), framework="pt", device="cpu")
         entries = {}
@@ -322,6 +497,19 @@ def _read_safetensors(path):
         reason = _first_sentence(e, 200)
         raise CheckpointError(f"{path}: not a readable safetensors file ({reason}); it is "
                               f"truncated or corrupted, download or save it again") from None
+
+
+def _check_regular_file(path):
+    """A weights file is read in place (memory-mapped): it must be an ordinary file."""
+    try:
+        mode = os.stat(path).st_mode
+    except FileNotFoundError:
+        raise CheckpointError(f"{path}: not found") from None
+    except (OSError, ValueError) as e:
+        reason = getattr(e, "strerror", None) or e
+        raise CheckpointError(f"{path}: cannot read it ({reason})") from None
+    if not stat.S_ISREG(mode):
+        raise CheckpointError(f"{path}: not a regular file (a folder, FIFO or device)")
 
 
 def _write_atomically(path, write):
@@ -371,8 +559,8 @@ def save_native(model, tokenizer, directory, extra=None):
 def _load_native(directory, config, device, dtype):
     config_path = directory / "config.json"
     version = config.get("format_version")
-    if version != NATIVE_FORMAT_VERSION:
-        raise CheckpointError(f"{config_path}: format_version {version!r} is not "
+    if type(version) is not int or version != NATIVE_FORMAT_VERSION:
+        raise CheckpointError(f"{config_path}: format_version {_short(version)} is not "
                               f"{NATIVE_FORMAT_VERSION}; it was written by another nanosample version")
     if not isinstance(config.get("model"), dict):
         raise CheckpointError(f"{config_path}: no 'model' entry with the GPTConfig fields")
@@ -405,20 +593,60 @@ def _download_hf(name):
 
     repo = f"{HF_REPO_OWNER}/{name}"
     try:
-        config = huggingface_hub.hf_hub_download(repo_id=repo, filename="config.json")
+        # config.json first, quietly: offline, this is where it fails, and it must fail at once
+        with _hub_quietly():
+            config = huggingface_hub.hf_hub_download(repo_id=repo, filename="config.json")
+        # the hub answered: the weights download as usual, with its progress bar and retries
         weights = huggingface_hub.hf_hub_download(repo_id=repo, filename="model.safetensors")
     except Exception as e:  # offline, DNS, HTTP errors, a full disk: all end the same way
         if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on"):
             reason = "HF_HUB_OFFLINE is set and the files are not in the local cache"
         else:
-            reason = f"{type(e).__name__}: {_first_sentence(e)}"
+            while e.__cause__ or e.__context__:  # the network error under the hub's own
+                e = e.__cause__ or e.__context__
+            reason = f"{type(e).__name__}: {_first_sentence(e, 100)}"
         raise CheckpointError(
             f"{name}: could not download {repo} from the Hugging Face hub ({reason}); to use "
-            f"a local copy, pass its directory (holding config.json and model.safetensors) "
-            f"as init_from") from None
+            f"a local copy, download it where there is a network and pass its directory "
+            f"(config.json and model.safetensors) as init_from, or set HF_HUB_OFFLINE=1 if it "
+            f"is in the Hugging Face cache") from None
     directory = Path(config).parent
     assert Path(weights).parent == directory, "hf_hub_download put the files in one snapshot"
     return directory
+
+
+@contextlib.contextmanager
+def _hub_quietly():
+    """huggingface_hub without its warnings, retries and progress bars, so that a failure is our
+    one error line, at once.
+
+    When a file's first metadata request fails and the file is not cached, hf_hub_download
+    requests it again with up to five retries and a growing wait, logging a warning for each:
+    offline, ~30 s and a dozen lines before our error. No argument turns the retries off; the
+    module checks the error against two tuples, emptied here while we call it (where this
+    version has them; elsewhere the logging is silenced all the same).
+    """
+    from huggingface_hub import file_download, utils
+
+    retry_names = [n for n in ("_DEFAULT_RETRY_ON_EXCEPTIONS", "_DEFAULT_RETRY_ON_STATUS_CODES")
+                   if isinstance(getattr(file_download, n, None), tuple)]
+    saved = {n: getattr(file_download, n) for n in retry_names}
+    verbosity = utils.logging.get_verbosity()
+    bars_were_off = utils.are_progress_bars_disabled()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # e.g. "cannot disable progress bars" when the env forbids
+        try:
+            for n in retry_names:
+                setattr(file_download, n, ())
+            utils.logging.set_verbosity_error()
+            utils.disable_progress_bars()
+            yield
+        finally:
+            for n, v in saved.items():
+                setattr(file_download, n, v)
+            utils.logging.set_verbosity(verbosity)
+            if not bars_were_off:
+                utils.enable_progress_bars()
 
 
 def _first_sentence(exc, limit=160):
@@ -431,11 +659,11 @@ def _first_sentence(exc, limit=160):
 def _hf_gpt_config(hf, source):
     """GPTConfig for a Hugging Face GPT-2 config.json; refuses options model.py lacks."""
     if hf.get("model_type", "gpt2") != "gpt2":
-        raise CheckpointError(f"{source}: model_type {hf.get('model_type')!r} is not GPT-2")
+        raise CheckpointError(f"{source}: model_type {_short(hf.get('model_type'))} is not GPT-2")
     activation = hf.get("activation_function", "gelu_new")
-    if activation not in HF_GELU:
-        raise CheckpointError(f"{source}: activation_function {activation!r} is not supported "
-                              f"(only {', '.join(HF_GELU)})")
+    if not isinstance(activation, str) or activation not in HF_GELU:
+        raise CheckpointError(f"{source}: activation_function {_short(activation)} is not "
+                              f"supported (only {', '.join(HF_GELU)})")
     n_embd = hf.get("n_embd", 768)
     unsupported = [
         ("n_inner", hf.get("n_inner") not in (None, 4 * n_embd if isinstance(n_embd, int) else None)),
@@ -446,7 +674,7 @@ def _hf_gpt_config(hf, source):
     ]
     for key, bad in unsupported:
         if bad:
-            raise CheckpointError(f"{source}: {key}={hf.get(key)!r} is not supported by this "
+            raise CheckpointError(f"{source}: {key}={_short(hf.get(key))} is not supported by this "
                                   f"GPT-2 implementation")
     values = dict(
         block_size=hf.get("n_positions", hf.get("n_ctx", 1024)),
@@ -458,7 +686,7 @@ def _hf_gpt_config(hf, source):
         gelu=HF_GELU[activation],
         layer_norm_epsilon=hf.get("layer_norm_epsilon", 1e-5),
     )
-    return _config_from_dict(values, source)
+    return _config_from_dict(values, source, file_names={"block_size": "n_positions"})
 
 
 def _hf_state_dict(raw):
@@ -487,7 +715,7 @@ def _load_hf_dir(directory, device, dtype, hf_config=None):
         raw = _read_safetensors(weights)
     elif index.is_file():  # sharded: the index maps each tensor to its shard
         weights = index
-        shards = sorted(set(_read_json(index).get("weight_map", {}).values()))
+        shards = _shard_names(index)
         raw = {}
         for shard in shards:
             raw.update(_read_safetensors(directory / shard))
@@ -497,11 +725,31 @@ def _load_hf_dir(directory, device, dtype, hf_config=None):
     else:
         raise CheckpointError(f"{directory}: config.json is here but no weights; expected "
                               f"model.safetensors or pytorch_model.bin beside it")
-    if not isinstance(raw, dict) or not all(isinstance(v, (torch.Tensor, _SafetensorsTensor))
-                                            for v in raw.values()):
+    if not isinstance(raw, dict) or not all(
+            isinstance(k, str) and isinstance(v, (torch.Tensor, _SafetensorsTensor))
+            for k, v in raw.items()):
         raise CheckpointError(f"{weights}: not a state dict of tensors")
     model = _build_model(config, _hf_state_dict(raw), device, dtype, weights)
     return Loaded(model, _gpt2_tokenizer(config, weights), f"{directory} (Hugging Face GPT-2)")
+
+
+def _shard_names(index):
+    """The shard files a model.safetensors.index.json names: plain file names beside it."""
+    weight_map = _read_json(index).get("weight_map")
+    if (not isinstance(weight_map, dict) or not weight_map
+            or not all(isinstance(v, str) for v in weight_map.values())):
+        raise CheckpointError(f"{index}: 'weight_map' must map each tensor name to the file name "
+                              f"of its shard")
+    shards = sorted(set(weight_map.values()))
+    for shard in shards:
+        # a shard sits beside the index: no folders, so none can name a file outside the model
+        if shard in ("", ".", "..") or "/" in shard or "\\" in shard or "\0" in shard:
+            raise CheckpointError(f"{index}: weight_map names the shard {_short(shard)}; a shard "
+                                  f"must be a file name in the model's directory")
+    if len(shards) > MAX_SHARDS:
+        raise CheckpointError(f"{index}: weight_map names {len(shards)} shards, over the limit "
+                              f"of {MAX_SHARDS}")
+    return shards
 
 
 def _gpt2_tokenizer(config, source):
@@ -514,17 +762,32 @@ def _gpt2_tokenizer(config, source):
 
 
 def _torch_load(path):
-    """torch.load restricted to tensors and plain containers (no pickled code runs)."""
+    """torch.load restricted to tensors and plain containers (no pickled code runs).
+
+    A zip (every torch.save since PyTorch 1.6) is checked first and then memory-mapped, so the
+    tensors are views of the file and nothing is inflated; the legacy format cannot be mapped
+    and is read, after torch's own check that each storage is as long as it says.
+    torch's warnings (e.g. about a pickle protocol it did not write) are silenced: what goes
+    wrong is the one-line CheckpointError.
+    """
+    _check_regular_file(path)
     try:
-        try:
-            return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-        except RuntimeError as e:
-            if "mmap" not in str(e):  # the legacy (pre-zip) format cannot be memory-mapped
-                raise
-            return torch.load(path, map_location="cpu", weights_only=True)
+        with open(path, "rb") as f:
+            is_zip = f.read(4) == b"PK\x03\x04"  # torch.load's own test for its zip format
+        if is_zip:
+            _check_torch_zip(path)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return torch.load(path, map_location="cpu", weights_only=True, mmap=is_zip)
+    except CheckpointError:
+        raise
     except FileNotFoundError:
         raise CheckpointError(f"{path}: not found") from None
     except pickle.UnpicklingError as e:
+        if "Unsupported operand" in str(e):  # FRAME (protocol 4) and others weights_only lacks
+            raise CheckpointError(f"{path}: written with a pickle protocol (4 or 5) that "
+                                  f"torch.load(weights_only=True) cannot read; save it again with "
+                                  f"torch.save's default protocol") from None
         reason = _first_sentence(e, 200)
         raise CheckpointError(f"{path}: refused, it holds more than tensors and plain values "
                               f"({reason})") from None
@@ -532,6 +795,29 @@ def _torch_load(path):
         reason = _first_sentence(e, 200)
         raise CheckpointError(f"{path}: cannot read this PyTorch file ({reason}); it is "
                               f"truncated, corrupted or not a checkpoint") from None
+
+
+def _check_torch_zip(path):
+    """Refuse a torch.save zip that loading would inflate (a zip bomb) before torch reads it.
+
+    torch.save stores every record uncompressed, so its records together are never larger than
+    the file; a compressed record, or a pickle over the limit, is not from torch.save.
+    """
+    try:
+        with zipfile.ZipFile(path) as z:
+            records = z.infolist()
+    except (zipfile.BadZipFile, OSError, ValueError, EOFError) as e:
+        raise CheckpointError(f"{path}: cannot read this PyTorch file ({_first_sentence(e)}); "
+                              f"it is truncated, corrupted or not a checkpoint") from None
+    size = os.path.getsize(path)
+    for r in records:
+        if r.compress_type != zipfile.ZIP_STORED or r.file_size > size:
+            raise CheckpointError(f"{path}: refused, its record {_short(r.filename)} is "
+                                  f"compressed or larger than the file; torch.save never writes "
+                                  f"such a file")
+        if r.filename.endswith("data.pkl") and r.file_size > MAX_DATA_PKL_BYTES:
+            raise CheckpointError(f"{path}: refused, its pickle is {r.file_size} bytes, over the "
+                                  f"{_mib(MAX_DATA_PKL_BYTES)} limit")
 
 
 # ----------------------------------------------------------------------------- nanoGPT
@@ -555,6 +841,10 @@ def _load_nanogpt(path, device, dtype):
     config = _config_from_dict(values, path, gelu="exact")
     prefix = "_orig_mod."  # left by torch.compile on every key
     state_dict = {}
+    bad = next((k for k in ckpt["model"] if not isinstance(k, str)), None)
+    if bad is not None:
+        raise CheckpointError(f"{path}: 'model' has the key {_short(bad)}; a state dict's keys "
+                              f"are parameter names")
     for key, t in ckpt["model"].items():
         key = key[len(prefix):] if key.startswith(prefix) else key
         if key.endswith(".attn.bias") or key == "lm_head.weight":
@@ -602,25 +892,49 @@ class _PlainUnpickler(pickle.Unpickler):
 
     dict, list, tuple, str, int, float, bool and None have their own pickle opcodes and never
     reach find_class; the names allowed here are the few plain types older protocols name.
+    Each is called through `_construct`, which refuses a size argument (`bytearray(2000000000)`
+    would allocate 2 GB from a 30-byte file) and counts the items the calls copy against a
+    budget: opcodes alone build at most a few objects per byte of the file, so a bounded file
+    and a bounded budget bound the memory unpickling takes.
     """
 
     ALLOWED = {"dict", "list", "tuple", "set", "frozenset", "str", "int", "float", "bool",
                "bytes", "bytearray"}
+    BUDGET = 2**22  # items that the allowed calls may copy, in all
+
+    def __init__(self, file):
+        super().__init__(file)
+        self._budget = self.BUDGET
 
     def find_class(self, module, name):
         if module in ("builtins", "__builtin__") and name in self.ALLOWED:
-            return super().find_class(module, name)
+            cls = super().find_class(module, name)
+            return lambda *args: self._construct(cls, args)
         raise pickle.UnpicklingError(f"refused to load {module}.{name}: meta.pkl may only hold "
                                      f"plain values (dict, list, str, int)")
 
+    def _construct(self, cls, args):
+        text_like = (str, bytes, bytearray)
+        if cls in (str, int, float, bytes, bytearray):
+            # from text or bytes only (and an encoding): never a size, never a container
+            ok = all(isinstance(a, text_like) for a in args) or (
+                cls in (int, float) and len(args) == 1 and isinstance(args[0], (int, float)))
+        else:  # bool, or a container copied from another
+            ok = len(args) <= 1
+        if not ok:
+            raise pickle.UnpicklingError(f"refused {cls.__name__}{_short(args)}: meta.pkl may "
+                                         f"only hold plain values")
+        self._budget -= sum(len(a) if hasattr(a, "__len__") else 1 for a in args)
+        if self._budget < 0:
+            raise pickle.UnpicklingError(f"its values copy more than {self.BUDGET} items")
+        return cls(*args)
+
 
 def read_meta_pkl(path):
-    """nanoGPT's meta.pkl, without running any pickled code."""
+    """nanoGPT's meta.pkl, without running any pickled code, in bounded memory."""
+    data = _read_bounded(path, MAX_META_PKL_BYTES)
     try:
-        with open(path, "rb") as f:
-            return _PlainUnpickler(f).load()
-    except OSError as e:
-        raise CheckpointError(f"{path}: cannot read it ({e.strerror})") from None
-    except Exception as e:  # UnpicklingError, EOFError, ...: refused or damaged
+        return _PlainUnpickler(io.BytesIO(data)).load()
+    except Exception as e:  # UnpicklingError, EOFError, MemoryError, ...: refused or damaged
         reason = _first_sentence(e, 200)
         raise CheckpointError(f"{path}: not a plain nanoGPT vocabulary ({reason})") from None

@@ -50,7 +50,9 @@ def split_words(text, *, drop_partial_last=False):
     text looping on "the duke of" still ends with its whole repeated phrase.
     """
     words = _WORD.findall(text)
-    if drop_partial_last and words and re.search(r"\w$", text):
+    # \Z, not $: `$` also matches before a final newline, and a text that ends in "duke\n"
+    # ends on a complete word.
+    if drop_partial_last and words and re.search(r"\w\Z", text):
         words.pop()
     return words
 

@@ -10,6 +10,9 @@ Precedence: defaults < each config file, in the order given < flags. Config file
 or nanoGPT-style `.py` files made only of `key = literal` lines, which are parsed with `ast`
 and never executed. Every user mistake is a `SettingsError`: one line that starts with the
 flag or file it is about, which scripts print as `error: <message>` and exit 2.
+`read_settings` also says where each field was set and which keys were ignored: nanoGPT's own
+config files (its train.py's and bench.py's settings) work for SampleSettings, see
+"nanoGPT's config files" below.
 
 `SampleSettings` holds `sample.py`'s settings and validates them (SAMPLING.md §3) when it is
 built, so a bad value is refused before any model loads.
@@ -19,7 +22,6 @@ from __future__ import annotations
 
 import ast
 import difflib
-import math
 import os
 import re
 import sys
@@ -28,6 +30,10 @@ import tomllib
 import types
 import typing
 from dataclasses import dataclass, field, fields
+
+from nanosample import cli
+from nanosample.sampler_settings import SETTINGS as SAMPLER_SETTINGS
+from nanosample.sampler_settings import SamplingParams, parse_logit_bias, sampler_fields  # noqa: F401
 
 
 class SettingsError(ValueError):
@@ -51,8 +57,7 @@ def parse_for_main(cls, argv, prog, description):
         print(h.text)
         return None, 0
     except SettingsError as e:
-        print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
-        return None, 2
+        return None, cli.report_error(e)
 
 
 def setting(default, help):
@@ -163,6 +168,10 @@ def _scalar_from_file(base, value):
 
 
 def _value_from_file(kind, value):
+    # A NUL byte can come only from a file (argv cannot hold one); no path or text needs it.
+    if any(isinstance(v, str) and "\x00" in v
+           for v in (value if isinstance(value, list) else [value])):
+        raise ValueError("holds a NUL byte (\\x00 or \\u0000), which no setting accepts")
     # TOML has no null, so the string "None" means None there, as it does on the command line.
     if kind.optional and (value is None or value == "None"):
         return None
@@ -183,51 +192,70 @@ def _suggest(name, candidates, form):
 # ---------------------------------------------------------------------------------------------
 # Config files
 
-def read_config_file(path):
+def read_config_file(path, foreign_keys=()):
     """Read a TOML or `key = literal` .py config file: {key: (value, where)}.
 
     `where` names the file, and the line for .py files, for error messages. Keys are not
-    checked here; `parse_settings` checks them against the dataclass.
+    checked here; `parse_settings` checks them against the dataclass. `foreign_keys`: another
+    program's settings (nanoGPT's train.py); a .py file that sets one of them is that
+    program's config file, and may also hold `import` lines and expressions, see
+    `_read_python_config`.
     """
-    try:
-        with open(path, "rb") as f:
-            data = f.read()
-    except FileNotFoundError:
-        hint = f" (flags start with --, e.g. --{path})" if "=" in path else ""
-        raise SettingsError(f"{path}: no such config file{hint}") from None
-    except IsADirectoryError:
-        raise SettingsError(f"{path}: is a directory, not a config file") from None
-    except OSError as e:
-        raise SettingsError(f"{path}: cannot read the config file: {e.strerror}") from None
+    # A regular file of at most cli.CONFIG_LIMIT bytes: never /dev/zero, never a FIFO's wait.
+    hint = f" (flags start with --, e.g. --{path})" if "=" in path else ""
+    data = cli.read_user_bytes(path, path, what="a config file", noun="config file",
+                               missing_hint=hint)
     suffix = os.path.splitext(path)[1].lower()
     if suffix not in (".toml", ".py"):
         raise SettingsError(f"{path}: config files must be .toml or nanoGPT-style .py files")
-    try:
-        text = data.decode("utf-8")
-    except UnicodeDecodeError as e:
-        raise SettingsError(f"{path}: not UTF-8 text (byte 0x{data[e.start]:02x} at offset {e.start})") from None
+    text = cli.decode_utf8(data, path)
     if suffix == ".toml":
         try:
             table = tomllib.loads(text)
         except tomllib.TOMLDecodeError as e:
             raise SettingsError(f"{path}: invalid TOML: {e}") from None
+        except (RecursionError, MemoryError):
+            raise SettingsError(f"{path}: invalid TOML: nested too deeply") from None
         return {key: (value, path) for key, value in table.items()}
-    return _read_python_config(path, text)
+    return _read_python_config(path, text, foreign_keys)
 
 
-def _read_python_config(path, text):
+class Unevaluated:
+    """A .py config value that is not a literal (nanoGPT's `'ft-' + str(time.time())`): never
+    evaluated. Harmless for a key that is ignored; an error for a key that is used."""
+
+    def __init__(self, where, name):
+        self.where, self.name = where, name
+
+    def error(self):
+        return SettingsError(f"{self.where}: {self.name}: the value must be a literal (a number, "
+                             f"string, True/False, None or a list of them), not an expression")
+
+
+def _read_python_config(path, text, foreign_keys=()):
     # nanoGPT exec()s its config files; we only accept `name = literal` and never run anything.
+    # One of nanoGPT's own files (it sets a key of `foreign_keys`) may also hold `import` lines
+    # and expressions (config/finetune_shakespeare.py: wandb_run_name = 'ft-' + str(time.time())):
+    # the imports are skipped, the expressions kept unevaluated (Unevaluated).
     try:
         tree = ast.parse(text, filename=path)
     except SyntaxError as e:
         raise SettingsError(f"{path}:{e.lineno}: invalid Python syntax: {e.msg}") from None
+    except (MemoryError, RecursionError):  # e.g. 200,000 unary minus signs in a row
+        raise SettingsError(f"{path}: too deeply nested for a config file of `key = literal` "
+                            f"lines") from None
     lines = text.splitlines()
     values = {}
+    foreign = any(isinstance(node, ast.Assign) and len(node.targets) == 1
+                  and isinstance(node.targets[0], ast.Name) and node.targets[0].id in foreign_keys
+                  for node in tree.body)
     for node in tree.body:
         where = f"{path}:{node.lineno}"
         if isinstance(node, ast.Expr) and isinstance(node.value, ast.Constant) \
                 and isinstance(node.value.value, str):
             continue  # a docstring
+        if foreign and isinstance(node, (ast.Import, ast.ImportFrom)):
+            continue  # never run: nothing here evaluates what it would bring in
         if not (isinstance(node, ast.Assign) and len(node.targets) == 1
                 and isinstance(node.targets[0], ast.Name)):
             found = lines[node.lineno - 1].strip()
@@ -238,8 +266,9 @@ def _read_python_config(path, text):
         try:
             value = ast.literal_eval(node.value)
         except (ValueError, TypeError, SyntaxError, MemoryError, RecursionError):
-            raise SettingsError(f"{where}: {name}: the value must be a literal (a number, string, "
-                                f"True/False, None or a list of them), not an expression") from None
+            if not foreign:
+                raise Unevaluated(where, name).error() from None
+            value = Unevaluated(where, name)
         values[name] = (value, where)
     return values
 
@@ -252,6 +281,14 @@ def _looks_like_flag(arg, kinds):
     return arg.startswith("--") and (name in kinds or name in ("config", "help"))
 
 
+@dataclass(frozen=True)
+class ParsedSettings:
+    """What `read_settings` found: the settings, and where each came from."""
+    settings: object
+    sources: dict   # field -> where the user set it: "--key", "path" (TOML) or "path:line"
+    ignored: dict   # another program's key in a config file (nanoGPT's) -> that file, in order
+
+
 def parse_settings(cls, argv=None, *, prog=None, description=""):
     """Build `cls` from defaults < config files (in order) < flags.
 
@@ -261,7 +298,17 @@ def parse_settings(cls, argv=None, *, prog=None, description=""):
     (flags replace a config file's list, repeats add to each other). Raises SettingsError on
     any mistake, HelpRequested for -h/--help.
     """
+    return read_settings(cls, argv, prog=prog, description=description).settings
+
+
+def read_settings(cls, argv=None, *, prog=None, description=""):
+    """`parse_settings`, also saying which fields the user set and which keys were ignored.
+
+    A class that reads nanoGPT's config files (`NANOGPT_CONFIG = True`, as SampleSettings)
+    accepts the settings of nanoGPT's train.py and bench.py in them: see `_nanogpt_entries`.
+    """
     kinds = _kinds(cls)
+    foreign = _nanogpt_foreign_keys(kinds) if getattr(cls, "NANOGPT_CONFIG", False) else frozenset()
     argv = list(sys.argv[1:] if argv is None else argv)
     prog = prog or os.path.basename(sys.argv[0])
     if "-h" in argv or "--help" in argv:
@@ -311,11 +358,19 @@ def parse_settings(cls, argv=None, *, prog=None, description=""):
             value = flags[name] + value
         flags[name] = value
 
-    values, sources = {}, {}
+    values, sources, ignored = {}, {}, {}
     for path in config_paths:
-        for key, (value, where) in read_config_file(path).items():
+        entries = read_config_file(path, foreign)
+        if any(key in foreign for key in entries):
+            entries, skipped = _nanogpt_entries(path, entries, foreign)
+            for key, where in skipped.items():
+                ignored.setdefault(key, where)
+        for key, (value, where) in entries.items():
             if key not in kinds:
-                raise SettingsError(f"{where}: unknown key '{key}'" + _suggest(key, list(kinds), "'{}'"))
+                known = list(kinds) + sorted(foreign)  # a mistyped nanoGPT key gets its name
+                raise SettingsError(f"{where}: unknown key '{key}'" + _suggest(key, known, "'{}'"))
+            if isinstance(value, Unevaluated):
+                raise value.error()
             try:
                 values[key] = _value_from_file(kinds[key], value)
             except ValueError as e:
@@ -326,9 +381,59 @@ def parse_settings(cls, argv=None, *, prog=None, description=""):
         sources[key] = f"--{key}"
 
     try:
-        return cls(**values)
+        return ParsedSettings(cls(**values), sources, ignored)
     except ValueError as e:
         raise SettingsError(_name_the_source(str(e), sources)) from None
+
+
+# ---------------------------------------------------------------------------------------------
+# nanoGPT's config files
+
+# The settings of nanoGPT's train.py and bench.py: the names each assigns in its block of
+# defaults, before it exec()s configurator.py (karpathy/nanoGPT, master). Its config files set
+# them (config/train_shakespeare_char.py, train_gpt2.py, finetune_shakespeare.py,
+# eval_gpt2*.py), and its sample.py runs any of them. Every setting of its sample.py is a
+# SampleSettings field.
+NANOGPT_TRAIN_KEYS = (
+    "out_dir", "eval_interval", "log_interval", "eval_iters", "eval_only",
+    "always_save_checkpoint", "init_from", "wandb_log", "wandb_project", "wandb_run_name",
+    "dataset", "gradient_accumulation_steps", "batch_size", "block_size", "n_layer", "n_head",
+    "n_embd", "dropout", "bias", "learning_rate", "max_iters", "weight_decay", "beta1", "beta2",
+    "grad_clip", "decay_lr", "warmup_iters", "lr_decay_iters", "min_lr", "backend", "device",
+    "dtype", "compile")
+NANOGPT_BENCH_KEYS = ("batch_size", "block_size", "bias", "real_data", "seed", "device", "dtype",
+                      "compile", "profile")
+# Shared names that mean something else in training: its micro-batch is not our memory cap.
+NANOGPT_TRAINING_MEANING = ("batch_size",)
+
+
+def _nanogpt_foreign_keys(kinds):
+    """The keys of nanoGPT's config files that a class reading them accepts and ignores."""
+    shared_by_name = set(kinds) - set(NANOGPT_TRAINING_MEANING)
+    return frozenset(NANOGPT_TRAIN_KEYS + NANOGPT_BENCH_KEYS) - shared_by_name
+
+
+def _nanogpt_entries(path, entries, foreign):
+    """A nanoGPT config's entries: (those used, {ignored key: path}).
+
+    Ignored: the keys only nanoGPT's train.py and bench.py have, and batch_size, their
+    micro-batch. A training config (one that sets a train.py key) names the model it trains:
+    train.py writes it to out_dir, so sampling loads it from there (init_from='resume', the
+    default of nanoGPT's sample.py), and the file's own init_from, where training started
+    ('scratch', or 'gpt2-xl' in finetune_shakespeare.py), is ignored. An evaluation config
+    (eval_only = True, as eval_gpt2.py) trains nothing: its init_from is the model to load.
+    """
+    training = set(NANOGPT_TRAIN_KEYS) & foreign & set(entries)
+    evaluating = entries.get("eval_only", (None,))[0] is True
+    used, ignored = {}, {}
+    for key, (value, where) in entries.items():
+        if key in foreign or key == "init_from" and training and not evaluating:
+            ignored[key] = path
+        else:
+            used[key] = (value, where)
+    if training and not evaluating:
+        used["init_from"] = ("resume", path)
+    return used, ignored
 
 
 def _name_the_source(message, sources):
@@ -376,47 +481,46 @@ _PLOT_SUFFIXES = (".png", ".svg", ".pdf")
 
 
 @dataclass(frozen=True)
+@sampler_fields(SAMPLER_SETTINGS, as_flags=True, after="max_new_tokens")  # --temperature ... --ban
 class SampleSettings:
-    """Everything `sample.py` reads. nanoGPT's flags keep nanoGPT's names, meanings and defaults."""
+    """Everything `sample.py` reads. nanoGPT's flags keep nanoGPT's names, meanings and defaults.
+    The sampler's flags come from their one declaration, sampler_settings.SETTINGS."""
+    NANOGPT_CONFIG = True  # nanoGPT's config files work too (read_settings); not a field
     # what to load and what to start from (nanoGPT)
     init_from: str = setting("shakespeare_char",
         "what to load: gpt2, gpt2-medium, gpt2-large, gpt2-xl (downloaded from the Hugging Face "
         "hub), resume (nanoGPT's ckpt.pt in --out_dir), a path to a Hugging Face or native model "
         "directory, a nanoGPT out_dir or ckpt.pt file, or the name of a folder in checkpoints/ "
-        "(shakespeare_char is the shipped model)")
-    out_dir: str = setting("out", "nanoGPT's output directory, read with --init_from=resume")
+        "(shakespeare_char is the shipped model). Not given: resume when an out_dir is given "
+        "(as in nanoGPT), else the shipped model")
+    out_dir: str = setting("out", "nanoGPT's output directory, holding ckpt.pt; given by a flag or "
+                                  "a config file without --init_from, it is what loads "
+                                  "(init_from=resume)")
     start: str = setting("\n",
         "the prompt; FILE:path reads it from a UTF-8 file (used as is, final newline included). "
         "Empty: start from <|endoftext|> for GPT-2 models, from a newline for character models. "
         "Each sample is printed with its prompt, as nanoGPT does")
     num_samples: int = setting(10, "how many samples to draw")
     max_new_tokens: int = setting(500, "tokens to generate per sample (fewer if a stop ends it)")
-    # the sampler (SAMPLING.md): applied in this order: bias/bans, penalties, temperature, top-k, top-p, min-p
-    temperature: float = setting(0.8, "divide the logits by this; 0 = greedy (argmax), 1 = unchanged")
-    top_k: int | None = setting(200, "keep only the k most likely tokens (ties kept); 0 or None = off")
-    top_p: float = setting(1.0, "nucleus sampling: keep the smallest set of most likely tokens "
-                                "whose probability reaches p (0 < p <= 1); 1 = off")
-    min_p: float = setting(0.0, "keep tokens with probability >= min_p * the top probability "
-                                "(0 <= m <= 1); 0 = off")
-    repetition_penalty: float = setting(1.0,
-        "Hugging Face's: logits of tokens already in the prompt or output are divided by it "
-        "(multiplied when negative); > 0, 1 = off")
-    frequency_penalty: float = setting(0.0, "OpenAI's: subtract this times each token's count "
-                                            "in the output so far; -2 to 2, 0 = off")
-    presence_penalty: float = setting(0.0, "OpenAI's: subtract this from every token already in "
-                                           "the output; -2 to 2, 0 = off")
-    logit_bias: str | None = setting(None, "add a bias to some token ids' logits, e.g. "
-                                           "50256:-100,198:2.5; None = none")
-    ban: tuple[int, ...] = setting((), "token ids that are never generated, e.g. --ban=50256,198")
     seed: int = setting(1337, "random seed; sample i of seed s is the same text however the "
                               "samples are batched")
+    draw: str = setting("inverse_cdf",
+        "inverse_cdf: each sample draws u from its own generator and takes the token whose "
+        "cumulative probability interval holds u (the explain trace shows u); multinomial: "
+        "nanoGPT's draw, torch.multinomial on one stream seeded with seed, the samples one "
+        "after another (a sample then depends on those before it; temperature and top_k only)")
+    context: str = setting("half",
+        "past block_size: half = compute the last block_size // 2 tokens again once, then go on "
+        "with the KV cache; crop = nanoGPT's rule, the last block_size tokens computed again at "
+        "every step (slower)")
     # stopping and batching
     stop: tuple[str, ...] = setting((), "stop a sample when it generates this string (not printed); "
                                         "repeat the flag for several. The shell passes \\n as two "
                                         "characters: use $'\\n' or a TOML config for a newline")
     stop_at_eot: bool = setting(True, "stop a sample at <|endoftext|> (GPT-2 vocabularies)")
     batch_size: int | None = setting(None, "at most this many samples per forward batch (memory "
-                                           "cap); None = all samples in one batch")
+                                           "cap); None = up to 64 at a time. A batch whose KV "
+                                           "cache cannot fit in the memory left is refused")
     stream: bool | None = setting(None, "print tokens as they are generated; None = stream when "
                                         "there is one sample and no --explain, else a progress "
                                         "bar on stderr")
@@ -441,14 +545,14 @@ class SampleSettings:
     plot: str | None = setting(None, "draw the sampling picture of one step to this .png/.svg/.pdf "
                                      "file (needs matplotlib)")
     plot_step: int = setting(0, "which step of --explain_sample --plot draws (0 = the first)")
-    overwrite: bool = setting(False, "let --explain_file and --plot replace existing files (by "
-                                     "default an existing file is an error)")
+    html: str | None = setting(None, "write the run as one self-contained HTML page to this file: "
+                                     "point at a token to see how it was drawn (issue 15)")
+    overwrite: bool = setting(False, "let --explain_file, --plot and --html replace existing "
+                                     "files (by default an existing file is an error)")
 
     def __post_init__(self):
         # Validation at the edge: each check raises ValueError("name=value: what is allowed"),
         # which parse_settings prefixes with the flag or config file that set the value.
-        # The sampler's values last: checking them imports torch, which the other mistakes
-        # need not wait for.
         _check(self.num_samples >= 1, "num_samples", self.num_samples, "must be an integer >= 1")
         _check(self.max_new_tokens >= 0, "max_new_tokens", self.max_new_tokens,
                "must be an integer >= 0")
@@ -461,65 +565,46 @@ class SampleSettings:
                "must be auto, cpu, cuda, cuda:N or mps")
         _check(self.dtype in _DTYPES, "dtype", self.dtype,
                "must be auto, float32, bfloat16 or float16")
+        _check(self.draw in ("inverse_cdf", "multinomial"), "draw", self.draw,
+               "must be inverse_cdf or multinomial")
+        _check(self.context in ("half", "crop"), "context", self.context, "must be half or crop")
+        if self.draw == "multinomial":
+            # nanoGPT's sampler has temperature and top-k only; the others have no place in it
+            for name, off in (("top_p", 1.0), ("min_p", 0.0), ("repetition_penalty", 1.0),
+                              ("frequency_penalty", 0.0), ("presence_penalty", 0.0),
+                              ("logit_bias", None), ("ban", ())):
+                _check(getattr(self, name) == off, name, getattr(self, name),
+                       f"--draw=multinomial is nanoGPT's sampler (temperature and top_k only); "
+                       f"{name} needs --draw=inverse_cdf")
         _check(0 <= self.explain_sample < self.num_samples, "explain_sample", self.explain_sample,
                f"must be >= 0 and < num_samples ({self.num_samples})")
         _check(self.explain_top >= 1, "explain_top", self.explain_top, "must be an integer >= 1")
         _check(self.explain_file != "", "explain_file", "''", "must be a file path, or None")
+        _check(self.html != "", "html", "''", "must be a file path, or None")
         if self.plot is not None:
             _check(os.path.splitext(self.plot)[1].lower() in _PLOT_SUFFIXES, "plot", self.plot,
                    "must be a file path ending in .png, .svg or .pdf")
             _check(0 <= self.plot_step < max(self.max_new_tokens, 1), "plot_step", self.plot_step,
                    f"must be >= 0 and < max_new_tokens ({self.max_new_tokens})")
         _check(self.plot_step >= 0, "plot_step", self.plot_step, "must be an integer >= 0")
-        for token in self.ban:  # named as our flag is (the sampler calls them banned_ids)
-            _check(token >= 0, "ban", token, "token ids must be >= 0")
-        self.logit_bias_pairs()
         self.sampling_params()
 
     @property
     def explaining(self):
         """Whether any explain output (issue 4) was asked for."""
-        return self.explain or self.explain_file is not None or self.plot is not None
-
-    def logit_bias_pairs(self):
-        """`logit_bias` as ((token_id, bias), ...)."""
-        return parse_logit_bias(self.logit_bias)
+        return (self.explain or self.explain_file is not None or self.plot is not None
+                or self.html is not None)
 
     def sampling_params(self):
-        """The sampler's settings for every sample, as a `sampling.SamplingParams`.
+        """The sampler's settings for every sample, as a `SamplingParams`.
 
         Building it runs the sampler's own checks (SAMPLING.md §3), so the rules live in one
         place: ValueError("top_p=1.5: must be ...").
         """
-        from nanosample import sampling  # imports torch: deferred so that a mistyped flag is reported at once
-        return sampling.SamplingParams(
-            temperature=self.temperature, top_k=0 if self.top_k is None else self.top_k,
-            top_p=self.top_p, min_p=self.min_p, repetition_penalty=self.repetition_penalty,
-            frequency_penalty=self.frequency_penalty, presence_penalty=self.presence_penalty,
-            logit_bias=self.logit_bias_pairs(), banned_ids=tuple(sorted(set(self.ban))))
+        return SamplingParams(**{s.name: s.param(getattr(self, s.flag_name))
+                                 for s in SAMPLER_SETTINGS})
 
 
 def _check(ok, name, value, allowed):
     if not ok:
         raise ValueError(f"{name}={value}: {allowed}")
-
-
-def parse_logit_bias(text):
-    """"50256:-100,198:2.5" -> ((50256, -100.0), (198, 2.5)); None -> ()."""
-    if text is None:
-        return ()
-    allowed = "must be ID:BIAS pairs separated by commas, e.g. 50256:-100,198:2.5"
-    pairs, seen = [], set()
-    for part in text.split(","):
-        token, colon, bias = part.strip().partition(":")
-        try:
-            token_id, value = int(token), float(bias)
-        except ValueError:
-            raise ValueError(f"logit_bias={text}: {allowed}") from None
-        _check(colon and token_id >= 0, "logit_bias", text, allowed + " (ids >= 0)")
-        _check(math.isfinite(value), "logit_bias", text,
-               "each bias must be a finite number (use --ban to ban a token)")
-        _check(token_id not in seen, "logit_bias", text, f"token id {token_id} is given twice")
-        seen.add(token_id)
-        pairs.append((token_id, value))
-    return tuple(pairs)

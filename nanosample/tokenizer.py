@@ -13,6 +13,9 @@ decoding: they decode to nothing. `config()` is what the native checkpoint forma
 import functools
 import hashlib
 import json
+import os
+import reprlib
+import stat
 from pathlib import Path
 
 GPT2_BPE_DIR = Path(__file__).resolve().parent / "assets" / "gpt2-bpe"
@@ -23,6 +26,8 @@ GPT2_ENCODER_JSON_SHA256 = "196139668be63f3b5d6574427317ae82f612a97c5d1cdaf36ed2
 GPT2_PAT_STR = r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}++| ?\p{N}++| ?[^\s\p{L}\p{N}]++|\s++$|\s+(?!\S)|\s"""
 GPT2_EOT = "<|endoftext|>"
 GPT2_EOT_ID = 50256
+# encoder.json is 1.0 MB and vocab.bpe 0.46 MB: a larger file is refused before it is read
+MAX_VOCAB_FILE_BYTES = 8 * 2**20
 
 
 class TokenizerError(ValueError):
@@ -78,7 +83,10 @@ class GPT2Tokenizer:
 def _read_checked(path, expected):
     """The bytes of `path`, whose sha256 must be `expected`."""
     try:
-        data = path.read_bytes()
+        with open(path, "rb", opener=lambda p, flags: os.open(p, flags | os.O_NONBLOCK)) as f:
+            if not stat.S_ISREG(os.fstat(f.fileno()).st_mode):  # a FIFO or device: never read
+                raise TokenizerError(f"{path}: not a regular file; restore it from the project")
+            data = f.read(MAX_VOCAB_FILE_BYTES + 1)
     except OSError as e:
         raise TokenizerError(f"{path}: cannot read GPT-2's vocabulary file ({e.strerror})") from None
     got = hashlib.sha256(data).hexdigest()
@@ -136,7 +144,11 @@ class CharTokenizer:
         chars = list(chars)
         for c in chars:
             if not isinstance(c, str) or len(c) != 1:
-                raise TokenizerError(f"character vocabulary entry {c!r} is not one character")
+                raise TokenizerError(f"character vocabulary entry {_short(c)} is not one "
+                                     f"character")
+            if "\ud800" <= c <= "\udfff":  # half of a UTF-16 pair: it can never be printed
+                raise TokenizerError(f"character vocabulary entry {c!r} is a lone surrogate, "
+                                     f"not a character")
         if len(set(chars)) != len(chars):
             raise TokenizerError("character vocabulary lists a character twice")
         if not chars:
@@ -151,9 +163,13 @@ class CharTokenizer:
         if not isinstance(meta, dict):
             raise TokenizerError(f"{source}: expected a dict with 'itos', got {type(meta).__name__}")
         itos = meta.get("itos")
-        if itos is None and isinstance(meta.get("stoi"), dict):
-            itos = {i: c for c, i in meta["stoi"].items()}
-        if not isinstance(itos, dict) or sorted(itos) != list(range(len(itos))):
+        stoi = meta.get("stoi")
+        if itos is None and isinstance(stoi, dict):
+            if not all(type(i) is int for i in stoi.values()):  # ids, so that they can be keys
+                raise TokenizerError(f"{source}: 'stoi' must map characters to the ids 0..n-1")
+            itos = {i: c for c, i in stoi.items()}
+        if (not isinstance(itos, dict) or not all(type(i) is int for i in itos)
+                or sorted(itos) != list(range(len(itos)))):
             raise TokenizerError(f"{source}: 'itos' must map the ids 0..n-1 to characters")
         try:
             return cls(itos[i] for i in range(len(itos)))
@@ -190,8 +206,22 @@ def tokenizer_from_config(config, source="config.json"):
     if kind == "gpt2":
         return gpt2_tokenizer()
     if kind == "char":
+        chars = config.get("chars")
+        if not isinstance(chars, (list, str)):
+            raise TokenizerError(f"{source}: the char tokenizer's 'chars' must be a list of "
+                                 f"characters, got {_short(chars)}")
         try:
-            return CharTokenizer(config.get("chars") or [])
+            return CharTokenizer(chars)
         except TokenizerError as e:
             raise TokenizerError(f"{source}: {e}") from None
-    raise TokenizerError(f"{source}: unknown tokenizer {config!r}; expected kind 'gpt2' or 'char'")
+    raise TokenizerError(f"{source}: unknown tokenizer {_short(config)}; expected kind 'gpt2' "
+                         f"or 'char'")
+
+
+def _short(value, limit=60):
+    """repr(value) cut to `limit` characters, for a value from a file in a one-line message."""
+    try:
+        text = reprlib.repr(value)
+    except Exception:  # a huge int inside a container
+        text = f"<a {type(value).__name__}>"
+    return text if len(text) <= limit else text[:limit - 3] + "..."

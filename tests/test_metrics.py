@@ -139,6 +139,14 @@ def test_split_words():
     assert metrics.split_words(" of the duke.", drop_partial_last=True) == ["of", "the", "duke", "."]
 
 
+def test_a_text_ending_in_a_newline_keeps_its_last_word():
+    # issue 14: `\w$` matched before a final newline, so "duke\n" lost "duke"
+    assert metrics.split_words(" of the duke\n", drop_partial_last=True) == ["of", "the", "duke"]
+    assert metrics.split_words("of the duke\n\n", drop_partial_last=True) == ["of", "the", "duke"]
+    assert metrics.split_words("of the duke\nan", drop_partial_last=True) == ["of", "the", "duke"]
+    assert metrics.split_words("duke\n", drop_partial_last=False) == ["duke"]
+
+
 def test_a_cut_loop_is_still_repetitive_once_the_cut_word_is_dropped():
     text = " the duke of york, the duke of york, the duke of york, the du"
     assert metrics.repetition(metrics.split_words(text)) is None

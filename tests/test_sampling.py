@@ -7,11 +7,12 @@ import pytest
 import torch
 from hypothesis import given, settings, strategies as st
 
-from nanosample import sampling
+from nanosample import fast_sampling, sampling
+from nanosample.fast_sampling import select_candidates
 from nanosample.sampling import (BatchParams, SamplingParams, apply_frequency_presence, apply_min_p,
                       apply_repetition_penalty, apply_temperature, apply_top_k, apply_top_p,
                       clean_logits, final_probabilities, greedy_tokens, inverse_cdf,
-                      reference_truncate, sample_step, select_candidates)
+                      reference_truncate, sample_step)
 
 NEG_INF = float("-inf")
 
@@ -204,15 +205,15 @@ def test_window_above_floor_equals_topk(width):
     logits[10, :4990] = NEG_INF                                  # ten finite logits only
     values, ids = logits.sort(dim=-1, descending=True, stable=True)
     expected = values[:, :width], ids[:, :width]
-    window = sampling._window_above_floor(logits[:10], width, {})
+    window = fast_sampling._window_above_floor(logits[:10], width, {})
     assert window is not None  # the route was taken for these rows
     for got, want in zip(window, expected):
         assert torch.equal(got, want[:10])
-    assert sampling._window_above_floor(logits, width, {}) is None  # row 10 has no floor
+    assert fast_sampling._window_above_floor(logits, width, {}) is None  # row 10 has no floor
     flat = torch.zeros(4, 5000)
-    assert sampling._window_above_floor(flat, width, {}) is None   # a crowd of ties
+    assert fast_sampling._window_above_floor(flat, width, {}) is None   # a crowd of ties
     # topk's route (row 10 sends every row there) agrees up to which ties it took at the edge
-    got_values, got_ids = sampling._ranked_window(logits, width, {})
+    got_values, got_ids = fast_sampling._ranked_window(logits, width, {})
     assert torch.equal(got_values, expected[0])
     assert torch.equal(logits.gather(-1, got_ids), got_values)
 
@@ -223,7 +224,7 @@ def test_zero_positions_equals_nonzero(shape):
     x = (torch.rand(*shape, generator=gen) * 40).floor() - 20     # ~1 in 40 entries is 0
     x[3] = 0.0                                                     # a row of zeros
     x[4] = 1.0                                                     # a row without
-    rows, cols = sampling._zero_positions(x, {})
+    rows, cols = fast_sampling._zero_positions(x, {})
     want_rows, want_cols = (x == 0).nonzero(as_tuple=True)
     assert torch.equal(rows, want_rows) and torch.equal(cols, want_cols)
 
@@ -308,9 +309,9 @@ def test_bucketed_draw_of_a_row_does_not_depend_on_its_batch():
     logits = torch.randn(40, 5000, generator=gen) * torch.rand(40, 1, generator=gen) * 3
     u = torch.rand(40, generator=gen, dtype=torch.float64)
     params = BatchParams([SamplingParams(top_p=0.9, temperature=0.9)] * 40, 5000)
-    together = sampling._draw_wide_rows(logits, params, u)
+    together = fast_sampling._draw_wide_rows(logits, params, u)
     for r in (0, 17, 39):
-        alone = sampling._draw_wide_rows(logits[r:r + 1], BatchParams(params.rows[:1], 5000), u[r:r + 1])
+        alone = fast_sampling._draw_wide_rows(logits[r:r + 1], BatchParams(params.rows[:1], 5000), u[r:r + 1])
         assert alone.item() == together[r].item()
 
 
@@ -319,7 +320,7 @@ def test_bucketed_draw_at_the_edges_of_u():
     logits = torch.randn(3, 2000, generator=torch.Generator().manual_seed(3)) * 0.3
     params = BatchParams([SamplingParams(top_p=0.9)] * 3, 2000)
     tempered = logits
-    buckets = sampling._Buckets(tempered, params, torch.arange(3), None)
+    buckets = fast_sampling._Buckets(tempered, params, torch.arange(3), None)
     first = buckets.draw(torch.zeros(3, dtype=torch.float64))
     assert first.tolist() == tempered.argmax(dim=-1).tolist()
     last = buckets.draw(torch.full((3,), 1 - 2**-53, dtype=torch.float64))
@@ -436,3 +437,119 @@ def test_kept_set_shrinks_with_tighter_settings(logits, k1, k2, p1, p2, m1, m2):
     assert fast_kept(logits, top_k=k_small)[0][0] <= fast_kept(logits, top_k=k_big)[0][0]
     assert fast_kept(logits, top_p=p_small)[0][0] <= fast_kept(logits, top_p=p_big)[0][0]
     assert fast_kept(logits, min_p=m_big)[0][0] <= fast_kept(logits, min_p=m_small)[0][0]
+
+
+# ----------------------------------------------------------------------------------------------
+# The two paths: the readable one (sampling.py) and the fast one (fast_sampling.py) choose the
+# same tokens from the same generators, keep the same sets and flag the same verdicts
+
+def both_paths(raw, rows, seeds, seen=None, counts=None):
+    """One sample_step on each path: (readable Step, fast Step)."""
+    V = raw.shape[-1]
+    params = BatchParams(rows, V)
+    steps = []
+    for fast in (False, True):
+        generators = [torch.Generator().manual_seed(s) for s in seeds]
+        steps.append(sample_step(raw, params, generators, V, seen=seen, counts=counts,
+                                 fast=fast))
+    return steps
+
+
+def assert_same_decisions(readable, fast, rows):
+    assert torch.equal(readable.tokens, fast.tokens)
+    assert torch.equal(readable.u.nan_to_num(-1), fast.u.nan_to_num(-1))
+    r_c, f_c = readable.candidates, fast.candidates
+    for r, row in enumerate(rows):
+        # the kept tokens, in the draw's order, with the same q to the last bits of a sum
+        n = int(r_c.n_kept[r])
+        assert n == int(f_c.n_kept[r]), r
+        assert r_c.ids[r, :n].tolist() == f_c.ids[r, :n].tolist(), r
+        q_r, q_f = final_probabilities(r_c)[r, :n], final_probabilities(f_c)[r, :n]
+        assert (q_r - q_f).abs().max() <= 1e-12, r
+        assert r_c.ids[r, readable.ranks[r]] == f_c.ids[r, fast.ranks[r]] == readable.tokens[r]
+        # every token the fast path lists (its window) carries the readable path's flags
+        M = f_c.ids.shape[1]
+        finite = torch.isfinite(f_c.logits[r])
+        at = r_c.ids[r].argsort()[f_c.ids[r]]          # each listed id's place in readable's list
+        for name in ("kept_top_k", "kept_top_p", "kept_min_p", "kept"):
+            want = getattr(r_c, name)[r, at][finite]
+            assert torch.equal(getattr(f_c, name)[r][finite], want), (r, name, M)
+
+
+@pytest.mark.parametrize("V", [8, 65, 300, 3000])
+def test_readable_and_fast_paths_agree(V):
+    gen = torch.Generator().manual_seed(V)
+    raw = torch.randn(24, V, generator=gen) * torch.rand(24, 1, generator=gen) * 4
+    raw[3] = (raw[3] * 2).round() / 2                              # exact ties
+    raw[4] = 0.0                                                   # a flat row
+    rows = [SamplingParams(temperature=[0.0, 0.7, 1.0, 1.6][i % 4], top_k=[0, 1, 5, 40][i % 3],
+                           top_p=[1.0, 0.5, 0.9][i % 3], min_p=[0.0, 0.3, 0.05][(i // 3) % 3])
+            for i in range(24)]
+    for trial in range(3):
+        readable, fast = both_paths(raw, rows, [100 * trial + i for i in range(24)])
+        assert_same_decisions(readable, fast, rows)
+        assert readable.tokens[4] == 0  # greedy on a flat row: the lowest id, past any window
+
+
+def test_paths_agree_with_bias_bans_and_penalties():
+    gen = torch.Generator().manual_seed(7)
+    raw = torch.randn(6, 400, generator=gen) * 3
+    seen = torch.rand(6, 400, generator=gen) < 0.2
+    counts = (torch.rand(6, 400, generator=gen) * 3).floor() * seen
+    rows = [SamplingParams(temperature=0.9, top_p=0.8, repetition_penalty=1.3,
+                           frequency_penalty=0.5, presence_penalty=0.2,
+                           logit_bias=((3, 5.0), (9, -2.0)), banned_ids=(0, 1, 2)),
+            SamplingParams(top_k=20, min_p=0.1, repetition_penalty=0.7),
+            SamplingParams(temperature=0.0, banned_ids=tuple(range(200)))] * 2
+    readable, fast = both_paths(raw, rows, range(6), seen=seen, counts=counts)
+    assert_same_decisions(readable, fast, rows)
+    assert not set(readable.tokens[[0, 3]].tolist()) & {0, 1, 2}
+
+
+def test_the_shipped_vocabulary_runs_the_readable_path_and_gpt2s_the_fast_one():
+    assert not sampling.use_fast_path(BatchParams([SamplingParams()], 65))
+    assert sampling.use_fast_path(BatchParams([SamplingParams()], 50257))
+    assert sampling.use_fast_path(BatchParams([SamplingParams()], 50304))
+
+
+def test_a_filter_the_fast_path_lacks_runs_on_the_readable_path(monkeypatch):
+    # Adding a filter is one function and one line in FILTERS: until fast_sampling learns
+    # it, every batch that uses it runs the readable path, so its tokens are still right.
+    def apply_keep_even_ids(logits, on):                      # a stand-in new filter
+        odd = torch.arange(logits.shape[-1]) % 2 == 1
+        return logits.masked_fill(odd & (torch.as_tensor(on) > 0), NEG_INF)
+    monkeypatch.setattr(sampling, "FILTERS", sampling.FILTERS + (("even", apply_keep_even_ids),))
+    params = BatchParams([SamplingParams()] * 3, 5000)
+    assert sampling.use_fast_path(params)                      # not used: the fast path runs
+    params.on["even"], params.even = True, torch.ones(3, 1)
+    assert not sampling.use_fast_path(params)
+    raw = torch.randn(3, 5000, generator=torch.Generator().manual_seed(0))
+    step = sample_step(raw, params, [torch.Generator().manual_seed(i) for i in range(3)], 5000)
+    assert (step.tokens % 2 == 0).all() and (step.candidates.kept.sum(-1) == 2500).all()
+
+
+@pytest.mark.parametrize("V", [65, 3000])
+def test_generated_text_is_the_same_on_either_path(V, monkeypatch):
+    # The whole generate loop, with the path forced each way: the same tokens per sample.
+    from nanosample.generate import generate
+    from nanosample.model import GPT, GPTConfig
+    from nanosample.tokenizer import CharTokenizer
+
+    torch.manual_seed(3)
+    model = GPT(GPTConfig(block_size=32, vocab_size=V, n_layer=1, n_head=2, n_embd=16)).eval()
+    with torch.no_grad():
+        model.lm_head.weight.mul_(3)                               # some rows peaked, some flat
+    tokenizer = CharTokenizer([chr(0x100 + i) for i in range(V)])
+    params = [SamplingParams(temperature=1.2, top_k=7, top_p=0.9), SamplingParams(top_p=0.6),
+              SamplingParams(temperature=0.8, min_p=0.2), SamplingParams(temperature=0)]
+
+    def tokens(threshold):
+        monkeypatch.setattr(sampling, "READABLE_MAX_VOCAB", threshold)
+        out = {}
+        for piece in generate(model, tokenizer, [0, 1], params, num_samples=4,
+                              max_new_tokens=12, seed=5, stop_at_eot=False):
+            out.setdefault(piece.sample, []).append(piece.token)
+        return out
+    readable, fast = tokens(10**9), tokens(0)
+    assert readable == fast
+    assert len(set(map(tuple, readable.values()))) == 4  # the samples differ: a real check
