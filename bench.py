@@ -14,6 +14,8 @@ system alike (each repeat runs every system once, in rotating order):
   (imports, tokenizer, loading, prefill), and its peak memory (RSS high-water mark);
 - the machine's read bandwidth (a sum over 512 MiB) and the batch-1 bound it implies:
   the bytes of weights one decode step streams, divided by that bandwidth.
+- with `--systems=ours,compiled` (compiled is not in the default run): ours under
+  torch.compile beside eager, its tokens/s and the time its first calls took (compiling).
 
 The settings are the same for every system: a 16-token prompt, `top_k` = temperature 0.8 and
 top-k 200 (nanoGPT's defaults) or `top_p` = temperature 1 and top-p 0.9 (top-k off); every
@@ -51,8 +53,9 @@ SAMPLERS = {  # name -> (our SamplingParams fields, transformers' generate kwarg
     "top_k": (dict(temperature=0.8, top_k=200), dict(temperature=0.8, top_k=200)),
     "top_p": (dict(temperature=1.0, top_p=0.9), dict(temperature=1.0, top_k=0, top_p=0.9)),
 }
-SYSTEMS = ("ours", "hf", "nocache")
-SYSTEM_NAMES = {"ours": "ours (KV cache)", "hf": "transformers", "nocache": "no cache (floor)"}
+SYSTEMS = ("ours", "hf", "nocache", "compiled")
+SYSTEM_NAMES = {"ours": "ours (KV cache)", "hf": "transformers", "nocache": "no cache (floor)",
+                "compiled": "ours, compiled"}
 # The default run: (batch size, new tokens) pairs, each with both samplers.
 DEFAULT_PLAN = ((1, 128), (8, 128), (1, 512), (64, 128))
 FULL_PLAN = tuple((b, n) for b in (1, 8, 64) for n in (128, 512))
@@ -89,7 +92,9 @@ class BenchSettings:
         "new tokens per sample (with --batch_sizes: their grid); None = the plan above")
     samplers: tuple[str, ...] = setting(("top_k", "top_p"),
         "top_k (temperature 0.8, top-k 200) and/or top_p (temperature 1, top-p 0.9)")
-    systems: tuple[str, ...] = setting(SYSTEMS, "which of ours, hf (transformers), nocache to run")
+    systems: tuple[str, ...] = setting(SYSTEMS[:3],
+        "which of ours, hf (transformers), nocache, compiled to run (compiled: ours under "
+        "torch.compile, its compile time and tokens/s beside eager's; not run by default)")
     repeats: int = setting(3, "timed runs per system and setting (medians are reported)")
     seconds_per_setting: float = setting(120.0,
         "start no repeat of a setting that would end after this many seconds of it (the "
@@ -116,7 +121,7 @@ class BenchSettings:
                 raise ValueError(f"samplers={name}: must be top_k or top_p")
         for name in self.systems:
             if name not in SYSTEMS:
-                raise ValueError(f"systems={name}: must be ours, hf or nocache")
+                raise ValueError(f"systems={name}: must be ours, hf, nocache or compiled")
         for name in ("batch_sizes", "new_tokens"):
             values = getattr(self, name)
             if values is not None and (not values or min(values) < 1):
@@ -471,6 +476,7 @@ def _main(argv):
         else:
             print(f"note: {directory} is not a Hugging Face GPT-2 folder; transformers skipped")
             systems.remove("hf")
+    compiled = torch.compile(model) if "compiled" in systems else None
     prompt = [(7 * i + 464) % tokenizer.n_vocab for i in range(s.prompt_tokens)]
     if s.prompt_tokens + max(n for _, n in s.plan()) > model.config.block_size:
         print("note: prompt + new tokens exceed block_size; ours re-prefills past it, "
@@ -492,16 +498,27 @@ def _main(argv):
                 return run_ours(model, tokenizer, prompt, sampler, batch, new_tokens, s.seed)
             if system == "hf":
                 return run_hf(hf_model, prompt, sampler, batch, new_tokens, s.seed)
+            if system == "compiled":
+                return run_ours(compiled, tokenizer, prompt, sampler, batch, new_tokens, s.seed)
             return run_nocache(model, tokenizer, prompt, sampler, batch, new_tokens, s.seed)
 
     def runs_here(system, batch, new_tokens):
         return system != "nocache" or batch * new_tokens <= s.nocache_max_tokens
 
-    # Warm-up: every system once per batch size (allocator, thread pools, lazy imports).
+    # Warm-up: every system once per batch size (allocator, thread pools, lazy imports). The
+    # compiled model's first calls compile it: twice, with caches of two lengths, so that
+    # every size it sees later is already a dynamic dimension (no recompiles while timed).
+    compile_s = {}
     for batch in sorted({b for b, _ in s.plan()}):
         for system in systems:
             if any(runs_here(system, b, n) for b, n in s.plan() if b == batch):
-                run_once(system, batch, s.samplers[0], 4)
+                t = time.perf_counter()
+                for new_tokens in ((4, 8) if system == "compiled" else (4,)):
+                    run_once(system, batch, s.samplers[0], new_tokens)
+                if system == "compiled":
+                    compile_s[batch] = time.perf_counter() - t
+                    print(f"torch.compile, batch {batch}: the first calls (compiling, 12 tokens) "
+                          f"took {compile_s[batch]:.1f} s", flush=True)
 
     results = []
     for batch, new_tokens in s.plan():
@@ -529,6 +546,10 @@ def _main(argv):
                 for x, m in row["systems"].items():
                     m["vs_hf"] = m["tokens_per_s"] / hf["tokens_per_s"]
                     m["decode_vs_hf"] = m["decode_tokens_per_s"] / hf["decode_tokens_per_s"]
+            if "compiled" in row["systems"] and "ours" in row["systems"]:
+                eager, m = row["systems"]["ours"], row["systems"]["compiled"]
+                m["vs_eager"] = m["tokens_per_s"] / eager["tokens_per_s"]
+                m["decode_vs_eager"] = m["decode_tokens_per_s"] / eager["decode_tokens_per_s"]
             results.append(row)
             print_setting(row)
 
@@ -550,6 +571,7 @@ def _main(argv):
         "bandwidth_gbs": bandwidth, "weight_mb_per_step": step_bytes / 1e6,
         "batch1_bound_tokens_per_s": bound, "prompt_tokens": s.prompt_tokens,
         "settings": {k: v for k, v in asdict(s).items()}, "results": results, "cold": cold,
+        "compile_s": compile_s,
     }
     report["targets"] = check_targets(results, cold)
     report["seconds"] = time.perf_counter() - t_start
@@ -579,6 +601,10 @@ def print_setting(row):
               f"{m['decode_tokens_per_s']:>13.1f} {_ratio(m, 'decode_vs_hf'):>6} "
               f"{m['decode_ms_per_step']:>8.2f} {m['prefill_ms']:>11.1f} {share:>8} "
               f"{m['repeats']:>5}", flush=True)
+    compiled = row["systems"].get("compiled", {})
+    if "vs_eager" in compiled:
+        print(f"  compiled vs eager: {compiled['vs_eager']:.2f}x tokens/s, "
+              f"{compiled['decode_vs_eager']:.2f}x decode tokens/s")
     ours = row["systems"].get("ours", {})
     if "late_vs_early_rate" in ours:
         print(f"  ours: decode tokens/s over all {row['new_tokens']} tokens = "

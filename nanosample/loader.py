@@ -58,6 +58,7 @@ from pathlib import Path
 
 import torch
 
+from nanosample.cpu_kernels import use_cpu_kernels
 from nanosample.model import GPT, GPTConfig
 from nanosample.tokenizer import CharTokenizer, TokenizerError, gpt2_tokenizer, tokenizer_from_config
 
@@ -120,6 +121,7 @@ def load_model(init_from, *, out_dir="out", device="cpu", dtype=torch.float32):
     else:
         loaded = _load_path(_resolve_path(init_from), device, dtype)
     loaded.model.eval()
+    use_cpu_kernels(loaded.model)  # CPU fp32 inference: oneDNN's batch-invariant products
     return loaded
 
 

@@ -4,6 +4,10 @@ Parameter names are GPT-2's own (`transformer.wte`, `transformer.h.N.attn.c_attn
 `lm_head`), so Hugging Face and nanoGPT checkpoints map onto it one to one; `loader.py` owns
 every quirk of those files. This file imports only torch and holds no generation state:
 the caller creates a `KVCache` and passes it to `forward`, and positions advance with it.
+
+Every matrix product is a plain `nn.Linear`. On the CPU the loader then hands the products to
+faster, batch-invariant kernels (`cpu_kernels.py`), as gpt-fast applies its speed-ups to a
+loaded model; this file does not know about them.
 """
 
 import math
@@ -28,69 +32,6 @@ class GPTConfig:
     def __post_init__(self):
         assert self.n_embd % self.n_head == 0, "n_embd must be a multiple of n_head"
         assert self.gelu in ("tanh", "exact"), f"unknown gelu {self.gelu!r}"
-
-
-# At most this many rows take `linear`'s batched matrix-vector route (decoding 1-4 samples).
-FEW_ROWS = 4
-ROW_BLOCK = 256
-
-
-def _onednn_linear():
-    """oneDNN's fp32 linear (the op torch.compile's CPU backend uses), or None without it."""
-    try:
-        return torch.ops.mkldnn._linear_pointwise if torch.backends.mkldnn.is_available() else None
-    except (AttributeError, RuntimeError):
-        return None
-
-
-ONEDNN_LINEAR = _onednn_linear()
-
-
-def linear(x, weight, bias=None):
-    """x @ weight.T + bias: (..., in) -> (..., out), with weight (out, in) as in nn.Linear.
-
-    F.linear, except for two routes on the CPU in fp32 (no autograd, no autocast), there because
-    a decode step multiplies only a few rows by every weight matrix (torch 2.13 with its MKL,
-    our 2-core AMD EPYC; bench.py measures them):
-    - 1-4 rows: F.linear streams a weight matrix at ~10 GB/s; the same products cut into
-      blocks of 256 weight rows and run as one bmm stream at ~25 GB/s. A batch-1 decode step
-      of GPT-2 124M: ~40 -> ~24 ms on one thread.
-    - more rows: oneDNN's linear is ~20% faster than MKL's for a handful of rows (batch 8
-      and 64 decode steps, 16-token prefills), which MKL computes at a fraction of the
-      machine's speed.
-    Same sums in another order: results differ from F.linear's by float32 rounding only.
-    """
-    out_features, in_features = weight.shape
-    rows = x.numel() // in_features
-    if (x.device.type != "cpu" or x.dtype != torch.float32 or weight.dtype != torch.float32
-            or rows == 0 or not weight.is_contiguous() or torch.is_autocast_enabled("cpu")
-            or torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)):
-        return F.linear(x, weight, bias)
-    if rows > FEW_ROWS:
-        if ONEDNN_LINEAR is None:
-            return F.linear(x, weight, bias)
-        y = ONEDNN_LINEAR(x.reshape(rows, in_features), weight, bias, "none", [], "")
-        return y.reshape(*x.shape[:-1], out_features)
-    block = min(ROW_BLOCK, out_features)
-    n_blocks = out_features // block
-    split = n_blocks * block
-    xt = x.reshape(rows, in_features).t()                                 # (in, rows)
-    blocks = weight[:split].view(n_blocks, block, in_features)           # (n, block, in)
-    y = torch.bmm(blocks, xt.expand(n_blocks, in_features, rows))       # (n, block, rows)
-    y = y.view(split, rows)
-    if split < out_features:  # the last rows, fewer than a block
-        y = torch.cat([y, weight[split:] @ xt])                           # (out, rows)
-    y = y.t()                                                             # (rows, out)
-    if bias is not None:
-        y = y + bias
-    return y.reshape(*x.shape[:-1], out_features)
-
-
-class Linear(nn.Linear):
-    """nn.Linear (same parameters, same names) whose product goes through `linear`."""
-
-    def forward(self, x):
-        return linear(x, self.weight, self.bias)
 
 
 class KVCache:
@@ -122,8 +63,8 @@ class CausalSelfAttention(nn.Module):
     def __init__(self, config):
         super().__init__()
         self.n_head = config.n_head
-        self.c_attn = Linear(config.n_embd, 3 * config.n_embd, bias=config.bias)
-        self.c_proj = Linear(config.n_embd, config.n_embd, bias=config.bias)
+        self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd, bias=config.bias)
+        self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
 
     def forward(self, x, cache=None, layer=0):
         B, T, C = x.shape
@@ -159,9 +100,9 @@ class CausalSelfAttention(nn.Module):
 class MLP(nn.Module):
     def __init__(self, config):
         super().__init__()
-        self.c_fc = Linear(config.n_embd, 4 * config.n_embd, bias=config.bias)
+        self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd, bias=config.bias)
         self.gelu = nn.GELU(approximate="tanh" if config.gelu == "tanh" else "none")
-        self.c_proj = Linear(4 * config.n_embd, config.n_embd, bias=config.bias)
+        self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd, bias=config.bias)
 
     def forward(self, x):
         return self.c_proj(self.gelu(self.c_fc(x)))
@@ -191,7 +132,7 @@ class GPT(nn.Module):
             h=nn.ModuleList([Block(config) for _ in range(config.n_layer)]),
             ln_f=nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon, bias=config.bias),
         ))
-        self.lm_head = Linear(config.n_embd, config.vocab_size, bias=False)
+        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
         self.lm_head.weight = self.transformer.wte.weight  # GPT-2 ties them
         self.apply(self._init_weights)
         # GPT-2's scaled init of the projections that feed the residual stream

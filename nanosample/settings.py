@@ -546,7 +546,12 @@ class SampleSettings:
                                   "else cpu")
     dtype: str = setting("auto", "float32, bfloat16 or float16; auto = bfloat16 on a GPU that "
                                  "supports it, else float32")
-    compile: bool = setting(False, "torch.compile the model (slow to start, faster after)")
+    compile: bool = setting(False, "torch.compile the model. On the CPU it makes these models "
+                                   "slower: compiling takes minutes, and compiled GPT-2 decodes at "
+                                   "0.2-0.5x eager's speed (bench.py --systems=ours,compiled). Its "
+                                   "products round differently: greedy text matched eager's in "
+                                   "our tests, but sample i may change with --batch_size "
+                                   "(docs/speed.md)")
     # explain mode: how each token was drawn
     explain: bool = setting(False, "print each sampling decision of one sample as a table on stderr")
     explain_sample: int = setting(0, "which sample --explain shows (0 .. num_samples-1)")
