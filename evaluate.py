@@ -50,7 +50,6 @@ import math
 import os
 import sys
 import time
-import tomllib
 from dataclasses import dataclass, field, fields
 
 from nanosample import cli
@@ -208,12 +207,7 @@ def read_sweep(settings):
                 for text in settings.setting]
     path = settings.sweep
     text = cli.read_user_text(path, f"--sweep={path}", what="a TOML file")
-    try:
-        table = tomllib.loads(text)
-    except tomllib.TOMLDecodeError as e:
-        raise SettingsError(f"--sweep={path}: invalid TOML: {e}") from None
-    except (RecursionError, MemoryError):
-        raise SettingsError(f"--sweep={path}: invalid TOML: nested too deeply") from None
+    table = cli.parse_toml(text, f"--sweep={path}")
     sweep = []
     for name, values in table.items():
         if not isinstance(values, dict):

@@ -214,6 +214,20 @@ def read_user_text(path, name, *, what="a text file", noun="file", limit=CONFIG_
     return decode_utf8(data, name)
 
 
+def parse_toml(text, name):
+    """A TOML file's table; invalid or absurdly nested TOML is a SettingsError naming `name`."""
+    import tomllib
+
+    from nanosample.settings import SettingsError
+
+    try:
+        return tomllib.loads(text)
+    except tomllib.TOMLDecodeError as e:
+        raise SettingsError(f"{name}: invalid TOML: {e}") from None
+    except (RecursionError, MemoryError):
+        raise SettingsError(f"{name}: invalid TOML: nested too deeply") from None
+
+
 def check_text_arg(text, name):
     """A text flag (a prompt, a stop string) must be UTF-8: the shell hands undecodable bytes
     over as lone surrogates (Python's surrogateescape), which would otherwise turn into U+FFFD

@@ -26,7 +26,6 @@ import os
 import re
 import sys
 import textwrap
-import tomllib
 import types
 import typing
 from dataclasses import dataclass, field, fields
@@ -210,13 +209,7 @@ def read_config_file(path, foreign_keys=()):
         raise SettingsError(f"{path}: config files must be .toml or nanoGPT-style .py files")
     text = cli.decode_utf8(data, path)
     if suffix == ".toml":
-        try:
-            table = tomllib.loads(text)
-        except tomllib.TOMLDecodeError as e:
-            raise SettingsError(f"{path}: invalid TOML: {e}") from None
-        except (RecursionError, MemoryError):
-            raise SettingsError(f"{path}: invalid TOML: nested too deeply") from None
-        return {key: (value, path) for key, value in table.items()}
+        return {key: (value, path) for key, value in cli.parse_toml(text, path).items()}
     return _read_python_config(path, text, foreign_keys)
 
 
