@@ -1,4 +1,4 @@
-"""The explorer (issue 15): a sampling run as one self-contained HTML page.
+"""The explorer: a sampling run as one self-contained HTML page.
 
 This file owns turning explain records (the dicts `explain.explain_rows` builds, the lines
 `--explain_file` writes; schema in docs/explain_schema.md) into a page a person can point at:
