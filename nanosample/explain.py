@@ -1,4 +1,4 @@
-"""Explain mode (issue 4): every sampling decision shown the way the article shows it.
+"""Explain mode: every sampling decision shown the way the article shows it.
 
 This file owns the explain trace (SAMPLING.md §5): from the `TraceStep` that generate() hands
 to its `trace` callable after each step, it builds one record per active sample, and turns the
@@ -110,123 +110,159 @@ def explain_rows(trace, tokenizer, rows, top=10):
     The full-vocabulary softmaxes are computed for these rows only; the order of the draw, the
     kept set, q and the cumulative sums are the sampler's own (`Candidates`).
     """
-    result, params = trace.result, trace.params
-    candidates = result.candidates
-    device = trace.raw_logits.device
-    index = torch.tensor(rows, dtype=torch.long, device=device)
+    draw = _DrawSums(trace.result.candidates)
+    vocabulary = _VocabularyView(trace, tokenizer, rows)
+    return [_step_record(trace, tokenizer, i, r, top, draw, vocabulary)
+            for i, r in enumerate(rows)]
 
-    # q and its running sum exactly as the draw computed them (inverse_cdf), for every row:
-    # the window is a few hundred wide, so this is cheap and bit for bit the draw's numbers.
-    q = sampling.final_probabilities(candidates)                          # (B, M) float64
-    cdf = q.cumsum(dim=-1)                                                # (B, M)
-    cdf_before = torch.nn.functional.pad(cdf[:, :-1], (1, 0))             # (B, M) 0 first
 
-    raw = sampling.clean_logits(trace.raw_logits[index], tokenizer.n_vocab)  # (R, V) float32
-    raw_logp = torch.log_softmax(raw.double(), dim=-1)                    # (R, V)
-    adjusted = result.adjusted[index]                                     # (R, V)
-    temperature = params.temperature[index]                               # (R, 1)
-    # the sampler's own division (greedy rows divide by 1), so the values match its logits
-    tempered = sampling.apply_temperature(adjusted, temperature.masked_fill(temperature == 0, 1.0))
-    tempered_logp = torch.log_softmax(tempered.double(), dim=-1)          # (R, V)
-    entropy_tempered = _entropy_bits(tempered_logp).tolist()              # (R,)
+class _DrawSums:
+    """q and its running sum exactly as the draw computed them (inverse_cdf), for every batch
+    row: the window is a few hundred wide, so this is cheap and bit for bit the draw's numbers."""
 
-    row_settings = [params.rows[r] for r in rows]
-    adjusting = [bool(s.logit_bias or s.banned_ids or s.uses_penalties) for s in row_settings]
-    adjusted_logp = torch.log_softmax(adjusted.double(), dim=-1) if any(adjusting) else None
-    penalized = None
-    if any(s.uses_penalties for s in row_settings):
-        # What bias alone would give; any difference at a token is the penalties' doing.
-        biased = raw if params.bias is None else sampling.apply_logit_bias(raw, params.bias[index])
-        penalized = adjusted != biased                                    # (R, V)
+    def __init__(self, candidates):
+        self.q = sampling.final_probabilities(candidates)                 # (B, M) float64
+        self.cdf = self.q.cumsum(dim=-1)                                  # (B, M)
+        self.cdf_before = torch.nn.functional.pad(self.cdf[:, :-1], (1, 0))  # (B, M) 0 first
 
-    records = []
-    for i, r in enumerate(rows):
-        s = row_settings[i]
-        n_kept = int(candidates.n_kept[r])
-        rank = int(result.ranks[r])
-        token = int(result.tokens[r])
-        window_logits = candidates.logits[r]                              # (M,)
-        # finite entries are a prefix: after them come banned/padding ids and row padding
-        n_ranked = int(torch.isfinite(window_logits).sum())
-        positions = list(range(min(top, n_ranked)))
-        if rank not in positions:
-            positions.append(rank)
-        at = torch.tensor(positions, dtype=torch.long, device=device)
-        ids = candidates.ids[r, at]
-        assert int(candidates.ids[r, rank]) == token, "the sampler's rank names its token"
 
-        greedy = s.temperature == 0
-        verdicts = {}
-        for name, active, column in (
-                ("top_k", 0 < s.top_k < params.vocab_size, candidates.kept_top_k),
-                ("top_p", s.top_p < 1, candidates.kept_top_p),
-                ("min_p", s.min_p > 0, candidates.kept_min_p)):
-            on = active and not greedy
-            verdicts[name] = column[r, at].tolist() if on else [None] * len(positions)
+class _VocabularyView:
+    """The whole-vocabulary numbers of the explained rows (R of them, in the order of `rows`):
+    the softmaxes raw, adjusted and tempered, and which logits the penalties changed."""
 
-        columns = {
-            "logit": raw[i, ids].tolist(),
-            "logit_final": window_logits[at].tolist(),
-            "p_raw": raw_logp[i, ids].exp().tolist(),
-            "p_adjusted": (adjusted_logp[i, ids].exp().tolist() if adjusting[i]
-                           else [None] * len(positions)),
-            "p_tempered": (tempered_logp[i, ids].exp().tolist() if not greedy
-                           else [None] * len(positions)),
-            "penalized": (penalized[i, ids].tolist() if s.uses_penalties
-                          else [None] * len(positions)),
-            "kept": candidates.kept[r, at].tolist(),
-            "q": q[r, at].tolist(),
-            "cum_after": cdf[r, at].tolist(),
-            "cum_before": cdf_before[r, at].tolist(),
-        }
-        listed = []
-        for n, (j, token_id) in enumerate(zip(positions, ids.tolist())):
-            kept = columns["kept"][n]
-            cum_after = columns["cum_after"][n]
-            if j == n_kept - 1:
-                cum_after = 1.0  # inverse_cdf gives the last kept token any u above the sum
-            listed.append({
-                "rank": j + 1,
-                "id": token_id,
-                "text": tokenizer.token_text(token_id),
-                "logit": columns["logit"][n],
-                "logit_final": columns["logit_final"][n],
-                "p_raw": columns["p_raw"][n],
-                "p_adjusted": columns["p_adjusted"][n],
-                "p_tempered": columns["p_tempered"][n],
-                "top_k": verdicts["top_k"][n],
-                "top_p": verdicts["top_p"][n],
-                "min_p": verdicts["min_p"][n],
-                "penalized": columns["penalized"][n],
-                "kept": kept,
-                "q": columns["q"][n] if kept else 0.0,
-                "cum_before": columns["cum_before"][n] if kept else None,
-                "cum_after": cum_after if kept else None,
-                "chosen": j == rank,
-            })
-        u = float(result.u[r])
-        kept_q = q[r, :n_kept]
-        record = {
-            "version": SCHEMA_VERSION,
-            "sample": int(trace.samples[r]),
-            "step": int(trace.step),
-            "position": int(trace.position),
-            "settings": {n.name: type(n.off)(getattr(s, n.name)) for n in NUMBERS},
-            "greedy": greedy,
-            "bias_or_penalties": adjusting[i],
-            "u": None if greedy or math.isnan(u) else u,
-            **({"draw": "multinomial"} if trace.draw == "multinomial" else {}),
-            "chosen_id": token,
-            "chosen_text": tokenizer.token_text(token),
-            "chosen_rank": rank + 1,
-            "n_kept": n_kept,
-            "vocab_size": tokenizer.n_vocab,
-            "entropy_bits": max(0.0, float(_entropy_bits(kept_q.log()[None])[0])),
-            "entropy_tempered_bits": None if greedy else entropy_tempered[i],
-            "candidates": listed,
-        }
-        records.append(record)
-    return records
+    def __init__(self, trace, tokenizer, rows):
+        result, params = trace.result, trace.params
+        index = torch.tensor(rows, dtype=torch.long, device=trace.raw_logits.device)
+        self.raw = raw = sampling.clean_logits(trace.raw_logits[index],
+                                               tokenizer.n_vocab)         # (R, V) float32
+        self.raw_logp = torch.log_softmax(raw.double(), dim=-1)           # (R, V)
+        adjusted = result.adjusted[index]                                 # (R, V)
+        temperature = params.temperature[index]                           # (R, 1)
+        # the sampler's own division (greedy rows divide by 1), so the values match its logits
+        tempered = sampling.apply_temperature(
+            adjusted, temperature.masked_fill(temperature == 0, 1.0))     # (R, V)
+        self.tempered_logp = torch.log_softmax(tempered.double(), dim=-1)  # (R, V)
+        self.entropy_tempered = _entropy_bits(self.tempered_logp).tolist()  # (R,)
+
+        row_settings = [params.rows[r] for r in rows]
+        self.adjusting = [bool(s.logit_bias or s.banned_ids or s.uses_penalties)
+                          for s in row_settings]                          # (R,)
+        self.adjusted_logp = None                                         # (R, V) when any
+        if any(self.adjusting):
+            self.adjusted_logp = torch.log_softmax(adjusted.double(), dim=-1)
+        self.penalized = None                                             # (R, V) bool when any
+        if any(s.uses_penalties for s in row_settings):
+            # What bias alone would give; any difference at a token is the penalties' doing.
+            biased = raw if params.bias is None else sampling.apply_logit_bias(
+                raw, params.bias[index])                                  # (R, V)
+            self.penalized = adjusted != biased
+
+
+def _step_record(trace, tokenizer, i, r, top, draw, vocabulary):
+    """The record of batch row `r` (row `i` of `vocabulary`): the step, then its candidates."""
+    result, candidates = trace.result, trace.result.candidates
+    s = trace.params.rows[r]
+    n_kept = int(candidates.n_kept[r])
+    rank = int(result.ranks[r])
+    token = int(result.tokens[r])
+    positions = _listed_positions(candidates.logits[r], rank, top)
+    assert int(candidates.ids[r, rank]) == token, "the sampler's rank names its token"
+    greedy = s.temperature == 0
+    u = float(result.u[r])
+    kept_q = draw.q[r, :n_kept]                                           # (n_kept,)
+    return {
+        "version": SCHEMA_VERSION,
+        "sample": int(trace.samples[r]),
+        "step": int(trace.step),
+        "position": int(trace.position),
+        "settings": {n.name: type(n.off)(getattr(s, n.name)) for n in NUMBERS},
+        "greedy": greedy,
+        "bias_or_penalties": vocabulary.adjusting[i],
+        "u": None if greedy or math.isnan(u) else u,
+        **({"draw": "multinomial"} if trace.draw == "multinomial" else {}),
+        "chosen_id": token,
+        "chosen_text": tokenizer.token_text(token),
+        "chosen_rank": rank + 1,
+        "n_kept": n_kept,
+        "vocab_size": tokenizer.n_vocab,
+        "entropy_bits": max(0.0, float(_entropy_bits(kept_q.log()[None])[0])),
+        "entropy_tempered_bits": None if greedy else vocabulary.entropy_tempered[i],
+        "candidates": _candidate_records(trace, tokenizer, i, r, positions, draw, vocabulary),
+    }
+
+
+def _listed_positions(window_logits, rank, top):
+    """The places in the draw's order a record lists: the first `top` ranked, then the chosen
+    token's `rank` if it is not among them. window_logits: (M,) the row's sorted window."""
+    # finite entries are a prefix: after them come banned/padding ids and row padding
+    n_ranked = int(torch.isfinite(window_logits).sum())
+    positions = list(range(min(top, n_ranked)))
+    if rank not in positions:
+        positions.append(rank)
+    return positions
+
+
+def _candidate_columns(trace, i, r, at, ids, draw, vocabulary):
+    """Each candidate key of JSONL_SCHEMA as a list over the listed candidates (N of them):
+    `at` (N,) their places in row r's window, `ids` (N,) their token ids."""
+    candidates, params = trace.result.candidates, trace.params
+    s = params.rows[r]
+    greedy = s.temperature == 0
+    none = [None] * len(at)
+    columns = {}
+    for name, active, column in (
+            ("top_k", 0 < s.top_k < params.vocab_size, candidates.kept_top_k),
+            ("top_p", s.top_p < 1, candidates.kept_top_p),
+            ("min_p", s.min_p > 0, candidates.kept_min_p)):
+        columns[name] = column[r, at].tolist() if active and not greedy else none
+    return columns | {
+        "logit": vocabulary.raw[i, ids].tolist(),
+        "logit_final": candidates.logits[r, at].tolist(),
+        "p_raw": vocabulary.raw_logp[i, ids].exp().tolist(),
+        "p_adjusted": (vocabulary.adjusted_logp[i, ids].exp().tolist()
+                       if vocabulary.adjusting[i] else none),
+        "p_tempered": vocabulary.tempered_logp[i, ids].exp().tolist() if not greedy else none,
+        "penalized": vocabulary.penalized[i, ids].tolist() if s.uses_penalties else none,
+        "kept": candidates.kept[r, at].tolist(),
+        "q": draw.q[r, at].tolist(),
+        "cum_after": draw.cdf[r, at].tolist(),
+        "cum_before": draw.cdf_before[r, at].tolist(),
+    }
+
+
+def _candidate_records(trace, tokenizer, i, r, positions, draw, vocabulary):
+    """The "candidates" list of row r's record: one dict per place in `positions`."""
+    candidates = trace.result.candidates
+    at = torch.tensor(positions, dtype=torch.long, device=trace.raw_logits.device)  # (N,)
+    ids = candidates.ids[r, at]                                                      # (N,)
+    columns = _candidate_columns(trace, i, r, at, ids, draw, vocabulary)
+    n_kept, rank = int(candidates.n_kept[r]), int(trace.result.ranks[r])
+    listed = []
+    for n, (j, token_id) in enumerate(zip(positions, ids.tolist())):
+        kept = columns["kept"][n]
+        cum_after = columns["cum_after"][n]
+        if j == n_kept - 1:
+            cum_after = 1.0  # inverse_cdf gives the last kept token any u above the sum
+        listed.append({
+            "rank": j + 1,
+            "id": token_id,
+            "text": tokenizer.token_text(token_id),
+            "logit": columns["logit"][n],
+            "logit_final": columns["logit_final"][n],
+            "p_raw": columns["p_raw"][n],
+            "p_adjusted": columns["p_adjusted"][n],
+            "p_tempered": columns["p_tempered"][n],
+            "top_k": columns["top_k"][n],
+            "top_p": columns["top_p"][n],
+            "min_p": columns["min_p"][n],
+            "penalized": columns["penalized"][n],
+            "kept": kept,
+            "q": columns["q"][n] if kept else 0.0,
+            "cum_before": columns["cum_before"][n] if kept else None,
+            "cum_after": cum_after if kept else None,
+            "chosen": j == rank,
+        })
+    return listed
 
 
 # ---------------------------------------------------------------------------------------------
@@ -297,9 +333,23 @@ def _settings_line(record):
 def format_table(record):
     """The article's table for one record, as text (no trailing newline)."""
     cands = record["candidates"]
-    adjusted = record["bias_or_penalties"]
-    penalties = any(c["penalized"] is not None for c in cands)
+    adjusted = record["bias_or_penalties"]                       # an "adj p" column
+    penalties = any(c["penalized"] is not None for c in cands)   # a "pen" column
     token_width = min(16, max(5, *(_width(visible_text(c["text"])) for c in cands)))
+    lines = [f"sample {record['sample']} · step {record['step']} · position {record['position']} · "
+             + _settings_line(record), _table_header(token_width, adjusted, penalties)]
+    previous_rank = 0
+    for c in cands:
+        if c["rank"] != previous_rank + 1:
+            lines.append("     ...")
+        previous_rank = c["rank"]
+        lines.append(_table_row(c, token_width, adjusted, penalties))
+    chosen = next(c for c in cands if c["chosen"])  # exactly one per record
+    lines += _table_outcome(record, chosen)
+    return "\n".join(lines)
+
+
+def _table_header(token_width, adjusted, penalties):
     header = ["    rank", "  " + _fit("token", token_width), "   raw p"]
     if adjusted:
         header.append("   adj p")
@@ -307,42 +357,40 @@ def format_table(record):
     if penalties:
         header.append("  pen")
     header += ["  final p", "  cumulative"]
-    lines = [f"sample {record['sample']} · step {record['step']} · position {record['position']} · "
-             + _settings_line(record), "".join(header)]
-    chosen = None
-    previous_rank = 0
-    for c in cands:
-        if c["rank"] != previous_rank + 1:
-            lines.append("     ...")
-        previous_rank = c["rank"]
-        row = [("→ " if c["chosen"] else "  ") + f"{c['rank']:6d}",
-               "  " + _fit(visible_text(c["text"]), token_width), f"{_p(c['p_raw']):>8}"]
-        if adjusted:
-            row.append(f"{_p(c['p_adjusted']):>8}")
-        row += [f"{_p(c['p_tempered']):>8}", f"{_verdict(c['top_k']):>6}",
-                f"{_verdict(c['top_p']):>6}", f"{_verdict(c['min_p']):>6}"]
-        if penalties:
-            row.append(f"{'-' if c['penalized'] is None else 'yes' if c['penalized'] else 'no':>5}")
-        cumulative = "-" if c["cum_after"] is None else f"{c['cum_after']:.4f}"
-        row += [f"{_p(c['q']):>9}", f"{cumulative:>12}"]
-        lines.append("".join(row))
-        if c["chosen"]:
-            chosen = c
+    return "".join(header)
+
+
+def _table_row(c, token_width, adjusted, penalties):
+    """One candidate's line, its columns as `_table_header` names them."""
+    row = [("→ " if c["chosen"] else "  ") + f"{c['rank']:6d}",
+           "  " + _fit(visible_text(c["text"]), token_width), f"{_p(c['p_raw']):>8}"]
+    if adjusted:
+        row.append(f"{_p(c['p_adjusted']):>8}")
+    row += [f"{_p(c['p_tempered']):>8}", f"{_verdict(c['top_k']):>6}",
+            f"{_verdict(c['top_p']):>6}", f"{_verdict(c['min_p']):>6}"]
+    if penalties:
+        row.append(f"{'-' if c['penalized'] is None else 'yes' if c['penalized'] else 'no':>5}")
+    cumulative = "-" if c["cum_after"] is None else f"{c['cum_after']:.4f}"
+    row += [f"{_p(c['q']):>9}", f"{cumulative:>12}"]
+    return "".join(row)
+
+
+def _table_outcome(record, chosen):
+    """The two lines under the table: how the token was selected, and what survived."""
     shown = f'"{visible_text(chosen["text"])}" (rank {chosen["rank"]}, id {chosen["id"]})'
     if record["greedy"]:
-        lines.append(f"greedy: no draw; selected {shown}, the most likely token")
+        selected = f"greedy: no draw; selected {shown}, the most likely token"
     elif record.get("draw") == "multinomial":
-        lines.append(f"torch.multinomial (nanoGPT's draw, one stream for the run; no u): "
-                     f"selected {shown}")
+        selected = (f"torch.multinomial (nanoGPT's draw, one stream for the run; no u): "
+                    f"selected {shown}")
     else:
-        lines.append(f"u = {record['u']:.4f}, in [{chosen['cum_before']:.4f}, "
-                     f"{chosen['cum_after']:.4f}): selected {shown}")
+        selected = (f"u = {record['u']:.4f}, in [{chosen['cum_before']:.4f}, "
+                    f"{chosen['cum_after']:.4f}): selected {shown}")
     survived = (f"{record['n_kept']} of {record['vocab_size']} tokens kept · "
                 f"entropy {record['entropy_bits']:.2f} bits")
     if record["entropy_tempered_bits"] is not None:
         survived += f" ({record['entropy_tempered_bits']:.2f} bits after temperature, before the filters)"
-    lines.append(survived)
-    return "\n".join(lines)
+    return [selected, survived]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -568,19 +616,12 @@ def plot_explained(records, path, step, overwrite=False):
     """
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
-    from matplotlib.patches import Patch
-    from matplotlib.ticker import MaxNLocator
 
     by_step = {r["step"]: r for r in records}
     if step not in by_step:
         raise ValueError(f"step {step} is not among the records (steps {min(by_step)} to "
                          f"{max(by_step)})")
     record = by_step[step]
-    cands = record["candidates"]
-    labels = [visible_text(c["text"]) for c in cands]
-    labels = [f"{t if len(t) <= 12 else t[:11] + '…'} ({c['rank']})" for t, c in zip(labels, cands)]
-    x = list(range(len(cands)))
-
     fig = Figure(figsize=(13, 8.5), layout="constrained")
     FigureCanvasAgg(fig)  # the Agg backend, without pyplot's global state
     grid = fig.add_gridspec(2, 2, height_ratios=(1.2, 1))
@@ -588,8 +629,28 @@ def plot_explained(records, path, step, overwrite=False):
     over_time = fig.add_subplot(grid[1, :])
     fig.suptitle(f"sample {record['sample']}, step {step} (position {record['position']}): "
                  + _settings_line(record))
+    labels = _candidate_labels(record["candidates"])
+    _plot_stages(bars, record, labels)
+    _plot_draw(cumulative, record, labels)
+    _plot_over_time(over_time, records, record, step)
 
-    # The distribution at each stage
+    suffix = os.path.splitext(path)[1].lower().lstrip(".") or "png"
+    with open(path, "wb" if overwrite else "xb") as f:
+        fig.savefig(f, format=suffix, dpi=110)
+
+
+def _candidate_labels(cands):
+    """The x labels of the two top panels: each candidate's text (cut to 12) and its rank."""
+    labels = [visible_text(c["text"]) for c in cands]
+    return [f"{t if len(t) <= 12 else t[:11] + '…'} ({c['rank']})" for t, c in zip(labels, cands)]
+
+
+def _plot_stages(bars, record, labels):
+    """Top left: the distribution at each stage, three bars per candidate."""
+    from matplotlib.patches import Patch
+
+    cands = record["candidates"]
+    x = list(range(len(cands)))
     width = 0.27
     stages = [("raw p", "p_raw", "#b8b8b8"), ("after temperature", "p_tempered", "#6b9bd1"),
               ("final q", "q", "#f28e2b")]
@@ -614,7 +675,13 @@ def plot_explained(records, path, step, overwrite=False):
     bars.set_title(f"top candidates: {record['n_kept']} of {record['vocab_size']} tokens kept",
                    fontsize=10)
 
-    # The draw: each kept token owns the interval [cum_before, cum_after) of [0, 1)
+
+def _plot_draw(cumulative, record, labels):
+    """Top right: the draw; each kept token owns the interval [cum_before, cum_after) of [0, 1)."""
+    from matplotlib.patches import Patch
+
+    cands = record["candidates"]
+    x = list(range(len(cands)))
     kept = [(i, c) for i, c in zip(x, cands) if c["kept"]]
     cumulative.bar([i for i, _ in kept], [c["cum_after"] - c["cum_before"] for _, c in kept],
                    0.6, bottom=[c["cum_before"] for _, c in kept],
@@ -644,7 +711,12 @@ def plot_explained(records, path, step, overwrite=False):
     cumulative.set_title("the draw: the token whose interval holds u", fontsize=10)
     cumulative.legend(handles=legend, fontsize=8, loc="upper left")
 
-    # The whole sample, step by step
+
+def _plot_over_time(over_time, records, record, step):
+    """Bottom: the whole sample, step by step; entropy on the left axis, the chosen token's q
+    on the right, the pictured `step` dashed."""
+    from matplotlib.ticker import MaxNLocator
+
     steps = [r["step"] for r in records]
     chosen_q = [next(c["q"] for c in r["candidates"] if c["chosen"]) for r in records]
     over_time.plot(steps, [r["entropy_bits"] for r in records], color="#1f77b4",
@@ -669,10 +741,6 @@ def plot_explained(records, path, step, overwrite=False):
                      ncols=3)
     over_time.set_title(f"sample {record['sample']}, every step (dashed: step {step})",
                         fontsize=10)
-
-    suffix = os.path.splitext(path)[1].lower().lstrip(".") or "png"
-    with open(path, "wb" if overwrite else "xb") as f:
-        fig.savefig(f, format=suffix, dpi=110)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -4,6 +4,9 @@ This file owns everything that happens between a prompt and the finished samples
 samples (with a cap), one random generator per sample, the penalty bookkeeping, stopping at
 `<|endoftext|>` or a stop string, incremental decoding of text, and what happens when a
 sample outgrows the model's context. The per-step decision itself is `sampling.sample_step`.
+A batch of samples is `_prefill` (the prompt, computed once), then at each step a draw,
+`_emit` (the step's tokens as Pieces: `<|endoftext|>`, stop strings, length) and `_advance`
+(the tokens fed back, by the context rule below).
 
 Past the context: GPT-2's positions are absolute, so a full cache cannot slide one token. When
 the context is full and another token must be fed, the model keeps the last `block_size // 2`
@@ -209,90 +212,144 @@ def generate(model, tokenizer, prompt_ids, params, *, num_samples=1, max_new_tok
             context=context)
 
 
+@dataclass
+class _Batch:
+    """The state of one batch while it decodes: what `_prefill` makes and each step updates."""
+    samples: list           # sample index of each row
+    params: BatchParams
+    generators: list        # one random generator per row (the inverse-CDF draw's u)
+    texts: list             # one TextStream per row
+    cache: KVCache
+    sequences: list         # each row's tokens, prompt included; every row has the same length
+    active: list            # whether each row is still generating (finished rows go on, ignored)
+    start: int = 0          # where the model's context begins in each sequence
+    seen: torch.Tensor | None = None    # (B, V) bool, the tokens so far; only with penalties
+    counts: torch.Tensor | None = None  # (B, V) how often each token was generated; likewise
+
+
 @torch.no_grad()
 def _generate_batch(model, tokenizer, prompt_ids, params, samples, *, max_new_tokens, seed,
                     stop, stop_at_eot, trace, window, stream=None, context="half"):
-    config = model.config
-    weight = model.transformer.wte.weight
-    device, dtype = weight.device, weight.dtype
-    B = len(samples)
-    batch_params = BatchParams(params, config.vocab_size, device)
-    generators = [sample_generator(seed, i) for i in samples]
-    eot = tokenizer.eot_id if stop_at_eot else None
-    streams = [TextStream(tokenizer, stop) for _ in samples]
-    active = [True] * B
+    """One batch of samples, yielding Pieces: prefill, then each step draw, emit, advance.
+
+    `stream`: the run's one random stream for nanoGPT's draw, or None for the inverse-CDF
+    draw from each sample's own generator.
+    """
     if max_new_tokens == 0:
         for i in samples:
             yield Piece(i, "", None, True, "length")
         return
+    batch, logits = _prefill(model, tokenizer, prompt_ids, params, samples, seed=seed,
+                             stop=stop, max_new_tokens=max_new_tokens)
+    eot = tokenizer.eot_id if stop_at_eot else None
+    for step in range(max_new_tokens):
+        result = _draw(logits, batch, stream, tokenizer.n_vocab, window,
+                       candidates=trace is not None)  # only the trace reads them
+        if trace is not None:
+            trace(TraceStep(batch.samples, list(batch.active), step, len(batch.sequences[0]),
+                            logits, batch.params, result,
+                            "inverse_cdf" if stream is None else "multinomial"))
+        tokens = result.tokens.tolist()
+        yield from _emit(batch, tokens, eot, last_step=step == max_new_tokens - 1)
+        if not any(batch.active):
+            return
+        logits = _advance(model, batch, result.tokens, tokens, context)
 
-    # Prefill: the prompt is the same for every row, so it is computed once. The cache holds
-    # what this call can reach (the prompt and every token fed back), not a whole block: at
-    # batch 64 a 1024-position cache is 4.8 GB of fp32, 128 new tokens need 0.7 GB of it.
+
+def _prefill(model, tokenizer, prompt_ids, params, samples, *, seed, stop, max_new_tokens):
+    """Compute the prompt once for the whole batch. Returns (its `_Batch`, the logits (B, V)
+    the first token is drawn from)."""
+    config = model.config
+    weight = model.transformer.wte.weight
+    device, dtype = weight.device, weight.dtype
+    B = len(samples)
+    # The prompt is the same for every row, so it is computed once. The cache holds what this
+    # call can reach (the prompt and every token fed back), not a whole block: at batch 64 a
+    # 1024-position cache is 4.8 GB of fp32, 128 new tokens need 0.7 GB of it.
     max_len = min(config.block_size, len(prompt_ids) + max_new_tokens - 1)
     cache = KVCache(config, B, max_len=max_len, device=device, dtype=dtype)
     prompt = torch.tensor([prompt_ids], dtype=torch.long, device=device)  # (1, T)
     logits = model(prompt, cache=cache, last_only=True)[:, -1].expand(B, -1)  # (B, V)
-    sequences = [list(prompt_ids) for _ in samples]
-    start = 0  # where the model's context begins in each sequence
+    batch = _Batch(samples=samples,
+                   params=BatchParams(params, config.vocab_size, device),
+                   generators=[sample_generator(seed, i) for i in samples],
+                   texts=[TextStream(tokenizer, stop) for _ in samples],
+                   cache=cache,
+                   sequences=[list(prompt_ids) for _ in samples],
+                   active=[True] * B)
+    if batch.params.uses_penalties:
+        batch.seen = torch.zeros(B, config.vocab_size, dtype=torch.bool, device=device)
+        batch.seen[:, prompt[0]] = True
+        batch.counts = torch.zeros(B, config.vocab_size, device=device)
+    return batch, logits
 
-    seen = counts = None
-    if batch_params.uses_penalties:
-        seen = torch.zeros(B, config.vocab_size, dtype=torch.bool, device=device)
-        seen[:, prompt[0]] = True
-        counts = torch.zeros(B, config.vocab_size, device=device)
 
-    for step in range(max_new_tokens):
-        if stream is None:
-            result = sample_step(logits, batch_params, generators, tokenizer.n_vocab,
-                                 seen=seen, counts=counts, window=window,
-                                 candidates=trace is not None)  # only the trace reads them
-        else:  # nanoGPT's draw (generate's draw="multinomial")
-            result = multinomial_step(logits, batch_params, stream, tokenizer.n_vocab,
-                                      window=window, candidates=trace is not None)
-        if trace is not None:
-            trace(TraceStep(samples, list(active), step, len(sequences[0]), logits,
-                            batch_params, result,
-                            "inverse_cdf" if stream is None else "multinomial"))
-        tokens = result.tokens.tolist()
-        last_step = step == max_new_tokens - 1
-        for row, token in enumerate(tokens):
-            sequences[row].append(token)  # finished rows too: every row keeps the same length
-            if not active[row]:
-                continue
-            if token == eot:
-                active[row] = False
-                yield Piece(samples[row], streams[row].finish(), token, True, "eot")
-                continue
-            text, stopped = streams[row].add(token)
-            if stopped:
-                active[row] = False
-                yield Piece(samples[row], text, token, True, "stop")
-            elif last_step:
-                active[row] = False
-                yield Piece(samples[row], text + streams[row].finish(), token, True, "length")
-            else:
-                yield Piece(samples[row], text, token, False)  # text may be "" (held back)
-        if not any(active):
-            return
+def _draw(logits, batch, stream, n_vocab, window, candidates):
+    """One step's decision for every row from its logits (B, V): a `sampling.Step`.
 
-        fed = result.tokens[:, None]  # (B, 1); finished rows go on in lockstep, ignored
-        if seen is not None:
-            seen.scatter_(1, fed, True)
-            counts.scatter_add_(1, fed, torch.ones_like(fed, dtype=counts.dtype))
-        length = len(sequences[0])
-        new_start = context_start(length, start, config.block_size)
-        if context == "crop" and length > config.block_size:
-            # nanoGPT's rule: the last block_size tokens, computed again at every step.
-            cache.reset()
-            tail = torch.tensor([s[-config.block_size:] for s in sequences], dtype=torch.long,
-                                device=device)                                   # (B, block_size)
-            logits = model(tail, cache=cache, last_only=True)[:, -1]
-        elif new_start != start:
-            # The context is full: compute the kept tail again as a fresh prompt.
-            start = new_start
-            cache.reset()
-            tail = torch.tensor([s[start:] for s in sequences], dtype=torch.long, device=device)
-            logits = model(tail, cache=cache, last_only=True)[:, -1]
+    Each row's u comes from its own generator (inverse CDF), or, when `stream` is given,
+    torch.multinomial takes the token from the run's one stream (nanoGPT's draw).
+    """
+    if stream is None:
+        return sample_step(logits, batch.params, batch.generators, n_vocab, seen=batch.seen,
+                           counts=batch.counts, window=window, candidates=candidates)
+    return multinomial_step(logits, batch.params, stream, n_vocab, window=window,
+                            candidates=candidates)
+
+
+def _emit(batch, tokens, eot, last_step):
+    """Yield a Piece for each active row's new token (`tokens`: one int per row), and mark the
+    rows that end here: at `eot` (None: never), at a stop string, or at the last step."""
+    for row, token in enumerate(tokens):
+        if not batch.active[row]:
+            continue
+        sample, text_stream = batch.samples[row], batch.texts[row]
+        if token == eot:
+            batch.active[row] = False
+            yield Piece(sample, text_stream.finish(), token, True, "eot")
+            continue
+        text, stopped = text_stream.add(token)
+        if stopped:
+            batch.active[row] = False
+            yield Piece(sample, text, token, True, "stop")
+        elif last_step:
+            batch.active[row] = False
+            yield Piece(sample, text + text_stream.finish(), token, True, "length")
         else:
-            logits = model(fed, cache=cache, last_only=True)[:, -1]
+            yield Piece(sample, text, token, False)  # text may be "" (held back)
+
+
+def _advance(model, batch, fed, tokens, context):
+    """Feed one step's tokens back (`fed` (B,), `tokens` the same as a list). Returns the
+    logits (B, V) the next token is drawn from.
+
+    Within the context each row's token is one cached step. Past block_size the context rule
+    decides: "half" computes the kept tail again as a fresh prompt when the context is full
+    (`context_start`), "crop" computes the last block_size tokens again at every step.
+    """
+    block_size = model.config.block_size
+    for sequence, token in zip(batch.sequences, tokens):
+        sequence.append(token)  # finished rows too: every row keeps the same length
+    fed = fed[:, None]  # (B, 1); finished rows go on in lockstep, ignored
+    if batch.seen is not None:
+        batch.seen.scatter_(1, fed, True)
+        batch.counts.scatter_add_(1, fed, torch.ones_like(fed, dtype=batch.counts.dtype))
+    length = len(batch.sequences[0])
+    new_start = context_start(length, batch.start, block_size)
+    if context == "crop" and length > block_size:
+        # nanoGPT's rule: the last block_size tokens, computed again at every step.
+        return _recompute(model, batch, [s[-block_size:] for s in batch.sequences])
+    if new_start != batch.start:
+        # The context is full: compute the kept tail again as a fresh prompt.
+        batch.start = new_start
+        return _recompute(model, batch, [s[new_start:] for s in batch.sequences])
+    return model(fed, cache=batch.cache, last_only=True)[:, -1]  # (B, V)
+
+
+def _recompute(model, batch, tails):
+    """Empty the cache and compute `tails` (one list of token ids per row, all as long) as a
+    fresh prompt. Returns the logits (B, V) at its last position."""
+    batch.cache.reset()
+    device = model.transformer.wte.weight.device
+    tail = torch.tensor(tails, dtype=torch.long, device=device)  # (B, T)
+    return model(tail, cache=batch.cache, last_only=True)[:, -1]
