@@ -27,7 +27,7 @@ can (transformers is then given the same weights when the folder is in its forma
 
     .venv/bin/python bench.py            # ~10-15 min on 2 cores: batch 1, 8 and 64, both samplers
     .venv/bin/python bench.py --quick    # ~1 min: batch 1, 128 tokens, one repeat
-    .venv/bin/python bench.py --full     # issue 5's whole matrix: long (an hour or more)
+    .venv/bin/python bench.py --full     # the whole matrix: long (an hour or more)
 
 The last line printed is one JSON object with every number.
 """
@@ -68,7 +68,7 @@ COLD_PROMPT = "The quick brown fox jumps over the lazy dog, and then it runs far
 HELP = ("Speed benchmark: our generate vs transformers' generate (same weights, same settings) "
         "vs a no-cache loop. The default run (batch 1 x 128 and 512 tokens, batch 8 and 64 x 128 "
         "tokens, top_k and top_p, 3 repeats, 3 cold starts) takes ~10-15 minutes on 2 cores; "
-        "--quick ~1 minute; --full (issue 5's whole matrix) an hour or more. The last line is "
+        "--quick ~1 minute; --full (the whole matrix) an hour or more. The last line is "
         "one JSON object.")
 
 
@@ -83,7 +83,7 @@ class BenchSettings:
                                           "<temp dir>/nanosample-bench")
     quick: bool = setting(False, "a ~1-minute run: batch 1, 128 tokens, both samplers, one "
                                  "repeat, no no-cache floor, one cold start each")
-    full: bool = setting(False, "issue 5's whole matrix: batch 1, 8, 64 x 128 and 512 tokens "
+    full: bool = setting(False, "the whole matrix: batch 1, 8, 64 x 128 and 512 tokens "
                                 "(long: an hour or more on 2 cores; add --nocache_max_tokens=1024 "
                                 "for the no-cache floor at batch 8 and at 512 tokens)")
     batch_sizes: tuple[int, ...] | None = setting(None,
@@ -201,7 +201,8 @@ class Run:
 
 
 class _TimedSampler:
-    """Wraps generate.sample_step to add up the time spent choosing tokens."""
+    """sampling.sample_step, adding up the time spent choosing tokens; generate() takes it as
+    its `sampler`."""
 
     def __init__(self, sample_step):
         self.sample_step = sample_step
@@ -217,24 +218,19 @@ class _TimedSampler:
 
 
 def run_ours(model, tokenizer, prompt, sampler, batch, new_tokens, seed):
-    from nanosample import generate as generate_module
-    from nanosample.sampling import SamplingParams
+    from nanosample.generate import generate
+    from nanosample.sampling import SamplingParams, sample_step
 
     params = SamplingParams(**SAMPLERS[sampler][0])
-    timed = _TimedSampler(generate_module.sample_step)
-    generate_module.sample_step = timed
-    try:
-        t0 = time.perf_counter()
-        count, step_times = 0, []
-        for piece in generate_module.generate(model, tokenizer, prompt, params, num_samples=batch,
-                                              max_new_tokens=new_tokens, seed=seed,
-                                              stop_at_eot=False):
-            if count % batch == 0:  # every row yields one piece per step, in row order
-                step_times.append(time.perf_counter())
-            count += piece.token is not None
-        end = time.perf_counter()
-    finally:
-        generate_module.sample_step = timed.sample_step
+    timed = _TimedSampler(sample_step)
+    t0 = time.perf_counter()
+    count, step_times = 0, []
+    for piece in generate(model, tokenizer, prompt, params, num_samples=batch,
+                          max_new_tokens=new_tokens, seed=seed, stop_at_eot=False, sampler=timed):
+        if count % batch == 0:  # every row yields one piece per step, in row order
+            step_times.append(time.perf_counter())
+        count += piece.token is not None
+    end = time.perf_counter()
     assert count == batch * new_tokens, (count, batch, new_tokens)
     first = step_times[0]
     return Run(first - t0, end - first, timed.seconds, timed.calls, tuple(step_times))
@@ -429,16 +425,7 @@ def main(argv=None):
 def _main(argv):
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["--child"]:  # bench.py's own cold-start processes, not for users
-        try:
-            which, directory, threads, new_tokens = argv[1:]
-            if which not in ("ours", "hf"):
-                raise ValueError
-            threads, new_tokens = int(threads), int(new_tokens)
-        except ValueError:
-            return cli.report_error("--child: bench.py's cold-start process, started by "
-                                    "bench.py itself with WHICH (ours|hf) DIR THREADS NEW_TOKENS")
-        cold_child(which, directory, threads, new_tokens)
-        return 0
+        return _child_main(argv[1:])
     parsed, code = parse_for_main(BenchSettings, argv, prog="bench.py", description=HELP)
     if parsed is None:
         return code
@@ -455,9 +442,7 @@ def _main(argv):
     from nanosample.loader import CheckpointError, load_model
     if s.threads:
         torch.set_num_threads(s.threads)
-    threads = torch.get_num_threads()
     t_start = time.perf_counter()
-
     try:
         directory = Path(s.init_from) if s.init_from else random_gpt2_dir(s.cache_dir)
         loaded = load_model(str(directory))
@@ -467,117 +452,157 @@ def _main(argv):
     except OSError as e:  # writing the random checkpoint: a full disk
         return cli.report_error(f"--cache_dir: cannot write the random checkpoint "
                                 f"({e.strerror})", cli.EXIT_FAILED)
-    model, tokenizer = loaded.model, loaded.tokenizer
-    hf_model = None
-    systems = list(s.systems)
-    if "hf" in systems:
-        if is_hf_dir(directory):
-            hf_model = transformers.GPT2LMHeadModel.from_pretrained(directory).eval()
-        else:
-            print(f"note: {directory} is not a Hugging Face GPT-2 folder; transformers skipped")
-            systems.remove("hf")
-    compiled = torch.compile(model) if "compiled" in systems else None
-    prompt = [(7 * i + 464) % tokenizer.n_vocab for i in range(s.prompt_tokens)]
-    if s.prompt_tokens + max(n for _, n in s.plan()) > model.config.block_size:
-        print("note: prompt + new tokens exceed block_size; ours re-prefills past it, "
-              "transformers cannot generate past it")
 
-    print(f"machine: {machine_line(threads)}")
-    load_at_start = os.getloadavg()
-    print(f"load average at start: {' '.join(f'{x:.2f}' for x in load_at_start)}")
-    print(f"model: {loaded.source}, {model.num_params() / 1e6:.1f}M parameters")
-    bandwidth = read_bandwidth_gbs(threads)
-    step_bytes = weight_bytes_per_step(model)
-    bound = bandwidth * 1e9 / step_bytes
-    print(f"read bandwidth: {bandwidth:.1f} GB/s (sum over 512 MiB); a decode step reads "
-          f"{step_bytes / 1e6:.1f} MB of weights, so batch 1 can do at most {bound:.0f} tokens/s")
-
-    def run_once(system, batch, sampler, new_tokens):
-        with torch.no_grad():
-            if system == "ours":
-                return run_ours(model, tokenizer, prompt, sampler, batch, new_tokens, s.seed)
-            if system == "hf":
-                return run_hf(hf_model, prompt, sampler, batch, new_tokens, s.seed)
-            if system == "compiled":
-                return run_ours(compiled, tokenizer, prompt, sampler, batch, new_tokens, s.seed)
-            return run_nocache(model, tokenizer, prompt, sampler, batch, new_tokens, s.seed)
-
-    def runs_here(system, batch, new_tokens):
-        return system != "nocache" or batch * new_tokens <= s.nocache_max_tokens
-
-    # Warm-up: every system once per batch size (allocator, thread pools, lazy imports). The
-    # compiled model's first calls compile it: twice, with caches of two lengths, so that
-    # every size it sees later is already a dynamic dimension (no recompiles while timed).
-    compile_s = {}
-    for batch in sorted({b for b, _ in s.plan()}):
-        for system in systems:
-            if any(runs_here(system, b, n) for b, n in s.plan() if b == batch):
-                t = time.perf_counter()
-                for new_tokens in ((4, 8) if system == "compiled" else (4,)):
-                    run_once(system, batch, s.samplers[0], new_tokens)
-                if system == "compiled":
-                    compile_s[batch] = time.perf_counter() - t
-                    print(f"torch.compile, batch {batch}: the first calls (compiling, 12 tokens) "
-                          f"took {compile_s[batch]:.1f} s", flush=True)
-
-    results = []
-    for batch, new_tokens in s.plan():
-        for sampler in s.samplers:
-            here = [x for x in systems if runs_here(x, batch, new_tokens)]
-            runs = {x: [] for x in here}
-            started = time.perf_counter()
-            floor_s = 0.0  # the no-cache floor runs once and does not count against the budget
-            for rep in range(s.repeats):
-                order = here[rep % len(here):] + here[:rep % len(here)]  # rotate who goes first
-                for system in order:
-                    if system == "nocache" and runs[system]:
-                        continue  # the floor: one run is plenty, and it is slow
-                    t = time.perf_counter()
-                    runs[system].append(run_once(system, batch, sampler, new_tokens))
-                    if system == "nocache":
-                        floor_s = time.perf_counter() - t
-                spent = time.perf_counter() - started - floor_s
-                if spent * (rep + 2) / (rep + 1) > s.seconds_per_setting:
-                    break  # another repeat would end past this setting's time
-            row = {"batch": batch, "sampler": sampler, "new_tokens": new_tokens,
-                   "systems": {x: summarize(r, batch, new_tokens) for x, r in runs.items()}}
-            if "hf" in row["systems"]:
-                hf = row["systems"]["hf"]
-                for x, m in row["systems"].items():
-                    m["vs_hf"] = m["tokens_per_s"] / hf["tokens_per_s"]
-                    m["decode_vs_hf"] = m["decode_tokens_per_s"] / hf["decode_tokens_per_s"]
-            if "compiled" in row["systems"] and "ours" in row["systems"]:
-                eager, m = row["systems"]["ours"], row["systems"]["compiled"]
-                m["vs_eager"] = m["tokens_per_s"] / eager["tokens_per_s"]
-                m["decode_vs_eager"] = m["decode_tokens_per_s"] / eager["decode_tokens_per_s"]
-            results.append(row)
-            print_setting(row)
-
-    cold = {}
-    if s.cold_starts:
-        for x in [x for x in ("ours", "hf") if x in systems]:
-            cold[x] = []
-        for _ in range(s.cold_starts):
-            for x in cold:
-                cold[x].append(cold_start(x, directory, s.threads))
-        cold = {x: {"first_token_s": median([c["first_token_s"] for c in cs]),
-                    "peak_rss_mb": max(c["peak_rss_mb"] for c in cs),
-                    "runs": len(cs)} for x, cs in cold.items()}
-
-    report = {
-        "bench": "generate", "machine": machine_line(threads),
-        "load_average_start_end": [load_at_start, os.getloadavg()], "threads": threads,
-        "model": loaded.source, "dtype": str(next(model.parameters()).dtype).replace("torch.", ""),
-        "bandwidth_gbs": bandwidth, "weight_mb_per_step": step_bytes / 1e6,
-        "batch1_bound_tokens_per_s": bound, "prompt_tokens": s.prompt_tokens,
-        "settings": {k: v for k, v in asdict(s).items()}, "results": results, "cold": cold,
-        "compile_s": compile_s,
-    }
+    bench = _Systems(s, loaded, directory)
+    report = {"bench": "generate", **_machine_report(bench, torch.get_num_threads())}
+    bench.warm_up()
+    results = [bench.time_setting(batch, new_tokens, sampler)
+               for batch, new_tokens in s.plan() for sampler in s.samplers]
+    cold = _cold_starts(s, bench.systems, directory)
+    report["load_average_start_end"] = [report.pop("load_at_start"), os.getloadavg()]
+    report.update(prompt_tokens=s.prompt_tokens, settings=asdict(s), results=results, cold=cold,
+                  compile_s=bench.compile_s)
     report["targets"] = check_targets(results, cold)
     report["seconds"] = time.perf_counter() - t_start
     print_summary(report)
     print(json.dumps(report, default=_json_default))
     return 0
+
+
+def _child_main(args):
+    """bench.py --child WHICH DIR THREADS NEW_TOKENS: one cold start, measured in this process."""
+    try:
+        which, directory, threads, new_tokens = args
+        if which not in ("ours", "hf"):
+            raise ValueError
+        threads, new_tokens = int(threads), int(new_tokens)
+    except ValueError:
+        return cli.report_error("--child: bench.py's cold-start process, started by "
+                                "bench.py itself with WHICH (ours|hf) DIR THREADS NEW_TOKENS")
+    cold_child(which, directory, threads, new_tokens)
+    return 0
+
+
+def _machine_report(bench, threads):
+    """Print what the run is measured on (machine, load, model, read bandwidth); return it."""
+    model = bench.model
+    print(f"machine: {machine_line(threads)}")
+    load_at_start = os.getloadavg()
+    print(f"load average at start: {' '.join(f'{x:.2f}' for x in load_at_start)}")
+    print(f"model: {bench.loaded.source}, {model.num_params() / 1e6:.1f}M parameters")
+    bandwidth = read_bandwidth_gbs(threads)
+    step_bytes = weight_bytes_per_step(model)
+    bound = bandwidth * 1e9 / step_bytes
+    print(f"read bandwidth: {bandwidth:.1f} GB/s (sum over 512 MiB); a decode step reads "
+          f"{step_bytes / 1e6:.1f} MB of weights, so batch 1 can do at most {bound:.0f} tokens/s")
+    return {"machine": machine_line(threads), "load_at_start": load_at_start, "threads": threads,
+            "model": bench.loaded.source,
+            "dtype": str(next(model.parameters()).dtype).replace("torch.", ""),
+            "bandwidth_gbs": bandwidth, "weight_mb_per_step": step_bytes / 1e6,
+            "batch1_bound_tokens_per_s": bound}
+
+
+class _Systems:
+    """The systems under test on one loaded model: ours, transformers (hf), the no-cache floor
+    and ours compiled; warmed up once, then timed setting by setting, interleaved."""
+
+    def __init__(self, s, loaded, directory):
+        import torch
+        import transformers
+
+        self.s, self.loaded, self.model, self.tokenizer = s, loaded, loaded.model, loaded.tokenizer
+        self.systems, self.hf_model = list(s.systems), None
+        if "hf" in self.systems:
+            if is_hf_dir(directory):
+                self.hf_model = transformers.GPT2LMHeadModel.from_pretrained(directory).eval()
+            else:
+                print(f"note: {directory} is not a Hugging Face GPT-2 folder; transformers skipped")
+                self.systems.remove("hf")
+        self.compiled = torch.compile(self.model) if "compiled" in self.systems else None
+        self.compile_s = {}
+        self.prompt = [(7 * i + 464) % self.tokenizer.n_vocab for i in range(s.prompt_tokens)]
+        if s.prompt_tokens + max(n for _, n in s.plan()) > self.model.config.block_size:
+            print("note: prompt + new tokens exceed block_size; ours re-prefills past it, "
+                  "transformers cannot generate past it")
+
+    def run_once(self, system, batch, sampler, new_tokens):
+        import torch
+
+        args = (self.prompt, sampler, batch, new_tokens, self.s.seed)
+        with torch.no_grad():
+            if system == "ours":
+                return run_ours(self.model, self.tokenizer, *args)
+            if system == "hf":
+                return run_hf(self.hf_model, *args)
+            if system == "compiled":
+                return run_ours(self.compiled, self.tokenizer, *args)
+            return run_nocache(self.model, self.tokenizer, *args)
+
+    def runs_here(self, system, batch, new_tokens):
+        return system != "nocache" or batch * new_tokens <= self.s.nocache_max_tokens
+
+    def warm_up(self):
+        """Every system once per batch size (allocator, thread pools, lazy imports). The
+        compiled model's first calls compile it: twice, with caches of two lengths, so that
+        every size it sees later is already a dynamic dimension (no recompiles while timed)."""
+        plan = self.s.plan()
+        for batch in sorted({b for b, _ in plan}):
+            for system in self.systems:
+                if any(self.runs_here(system, b, n) for b, n in plan if b == batch):
+                    t = time.perf_counter()
+                    for new_tokens in ((4, 8) if system == "compiled" else (4,)):
+                        self.run_once(system, batch, self.s.samplers[0], new_tokens)
+                    if system == "compiled":
+                        self.compile_s[batch] = time.perf_counter() - t
+                        print(f"torch.compile, batch {batch}: the first calls (compiling, 12 "
+                              f"tokens) took {self.compile_s[batch]:.1f} s", flush=True)
+
+    def time_setting(self, batch, new_tokens, sampler):
+        """Repeats of every system, rotating who goes first; the printed and returned row."""
+        here = [x for x in self.systems if self.runs_here(x, batch, new_tokens)]
+        runs = {x: [] for x in here}
+        started = time.perf_counter()
+        floor_s = 0.0  # the no-cache floor runs once and does not count against the budget
+        for rep in range(self.s.repeats):
+            for system in here[rep % len(here):] + here[:rep % len(here)]:
+                if system == "nocache" and runs[system]:
+                    continue  # the floor: one run is plenty, and it is slow
+                t = time.perf_counter()
+                runs[system].append(self.run_once(system, batch, sampler, new_tokens))
+                if system == "nocache":
+                    floor_s = time.perf_counter() - t
+            spent = time.perf_counter() - started - floor_s
+            if spent * (rep + 2) / (rep + 1) > self.s.seconds_per_setting:
+                break  # another repeat would end past this setting's time
+        row = {"batch": batch, "sampler": sampler, "new_tokens": new_tokens,
+               "systems": {x: summarize(r, batch, new_tokens) for x, r in runs.items()}}
+        _add_ratios(row["systems"])
+        print_setting(row)
+        return row
+
+
+def _add_ratios(systems):
+    """Each system's tokens/s against transformers' and the compiled model's against eager's."""
+    if "hf" in systems:
+        hf = systems["hf"]
+        for m in systems.values():
+            m["vs_hf"] = m["tokens_per_s"] / hf["tokens_per_s"]
+            m["decode_vs_hf"] = m["decode_tokens_per_s"] / hf["decode_tokens_per_s"]
+    if "compiled" in systems and "ours" in systems:
+        eager, m = systems["ours"], systems["compiled"]
+        m["vs_eager"] = m["tokens_per_s"] / eager["tokens_per_s"]
+        m["decode_vs_eager"] = m["decode_tokens_per_s"] / eager["decode_tokens_per_s"]
+
+
+def _cold_starts(s, systems, directory):
+    """Time to first token and peak RSS of ours and transformers, each in fresh processes."""
+    cold = {x: [] for x in ("ours", "hf") if x in systems} if s.cold_starts else {}
+    for _ in range(s.cold_starts):
+        for x in cold:
+            cold[x].append(cold_start(x, directory, s.threads))
+    return {x: {"first_token_s": median([c["first_token_s"] for c in cs]),
+                "peak_rss_mb": max(c["peak_rss_mb"] for c in cs),
+                "runs": len(cs)} for x, cs in cold.items()}
 
 
 def _json_default(x):
@@ -587,7 +612,7 @@ def _json_default(x):
 
 
 # ---------------------------------------------------------------------------------------------
-# Printing and the targets of issue 5
+# Printing, and the speed targets
 
 def print_setting(row):
     print(f"\nbatch {row['batch']}, {row['sampler']} ({describe(row['sampler'])}), "
@@ -621,7 +646,7 @@ def _ratio(m, key):
 
 
 def check_targets(results, cold):
-    """Issue 5's targets, each {"target", "value", "met"} (value None where not measured)."""
+    """The speed targets, each {"target", "value", "met"} (value None where not measured)."""
     targets = []
 
     def add(name, value, goal, better="higher"):
@@ -662,7 +687,7 @@ def print_summary(report):
         for x, c in cold.items():
             print(f"  {SYSTEM_NAMES[x]:<18} first token {c['first_token_s']:6.2f} s   "
                   f"peak RSS {c['peak_rss_mb']:7.0f} MiB   ({c['runs']} runs)")
-    print("\nissue 5's targets")
+    print("\nthe speed targets")
     for t in report["targets"]:
         mark = {True: "met", False: "NOT met", None: "not measured"}[t["met"]]
         value = "-" if t["value"] is None else f"{t['value']:.3f}"

@@ -176,7 +176,8 @@ class TextStream:
 
 def generate(model, tokenizer, prompt_ids, params, *, num_samples=1, max_new_tokens=100,
              seed=1337, batch_size=None, stop=(), stop_at_eot=True, trace=None,
-             first_sample=0, window=256, draw="inverse_cdf", context="half"):
+             first_sample=0, window=256, draw="inverse_cdf", context="half",
+             sampler=sample_step):
     """Generate `num_samples` continuations of `prompt_ids`, yielding `Piece`s as they come.
 
     `params` is one `SamplingParams` for every sample or a list with one per sample. Samples
@@ -185,7 +186,8 @@ def generate(model, tokenizer, prompt_ids, params, *, num_samples=1, max_new_tok
     samples of one batch arrive interleaved, step by step. `trace`, when given, is called
     with a `TraceStep` after every step. `draw="multinomial"`: nanoGPT's draw, one sample
     after another from one stream (temperature and top-k only). `context`: "half" or
-    "crop", what happens past block_size (see the top of this file).
+    "crop", what happens past block_size (see the top of this file). `sampler`: the function
+    that chooses each step's tokens (`sampling.sample_step`; bench.py passes a timed one).
     """
     if isinstance(params, SamplingParams):
         params = [params] * num_samples
@@ -209,6 +211,7 @@ def generate(model, tokenizer, prompt_ids, params, *, num_samples=1, max_new_tok
             model, tokenizer, prompt_ids, [params[i] for i in indices],
             [first_sample + i for i in indices], max_new_tokens=max_new_tokens, seed=seed,
             stop=stop, stop_at_eot=stop_at_eot, trace=trace, window=window, stream=stream,
+            sampler=sampler,
             context=context)
 
 
@@ -229,7 +232,8 @@ class _Batch:
 
 @torch.no_grad()
 def _generate_batch(model, tokenizer, prompt_ids, params, samples, *, max_new_tokens, seed,
-                    stop, stop_at_eot, trace, window, stream=None, context="half"):
+                    stop, stop_at_eot, trace, window, stream=None, context="half",
+                    sampler=sample_step):
     """One batch of samples, yielding Pieces: prefill, then each step draw, emit, advance.
 
     `stream`: the run's one random stream for nanoGPT's draw, or None for the inverse-CDF
@@ -243,7 +247,7 @@ def _generate_batch(model, tokenizer, prompt_ids, params, samples, *, max_new_to
                              stop=stop, max_new_tokens=max_new_tokens)
     eot = tokenizer.eot_id if stop_at_eot else None
     for step in range(max_new_tokens):
-        result = _draw(logits, batch, stream, tokenizer.n_vocab, window,
+        result = _draw(logits, batch, stream, tokenizer.n_vocab, window, sampler,
                        candidates=trace is not None)  # only the trace reads them
         if trace is not None:
             trace(TraceStep(batch.samples, list(batch.active), step, len(batch.sequences[0]),
@@ -284,15 +288,15 @@ def _prefill(model, tokenizer, prompt_ids, params, samples, *, seed, stop, max_n
     return batch, logits
 
 
-def _draw(logits, batch, stream, n_vocab, window, candidates):
+def _draw(logits, batch, stream, n_vocab, window, sampler, candidates):
     """One step's decision for every row from its logits (B, V): a `sampling.Step`.
 
     Each row's u comes from its own generator (inverse CDF), or, when `stream` is given,
     torch.multinomial takes the token from the run's one stream (nanoGPT's draw).
     """
     if stream is None:
-        return sample_step(logits, batch.params, batch.generators, n_vocab, seen=batch.seen,
-                           counts=batch.counts, window=window, candidates=candidates)
+        return sampler(logits, batch.params, batch.generators, n_vocab, seen=batch.seen,
+                       counts=batch.counts, window=window, candidates=candidates)
     return multinomial_step(logits, batch.params, stream, n_vocab, window=window,
                             candidates=candidates)
 
