@@ -493,22 +493,8 @@ class Explainer:
         if not self.all_records:
             print(f"warning: {flag}: no tokens were generated; no page written", file=self.messages)
             return
-        output = self.outputs.get("html")
-        try:
-            if output is None:
-                explorer.write_html(self.all_records, self.html_path, self.run,
-                                    overwrite=self.overwrite)
-            else:
-                explorer.write_html(self.all_records, output.write_path, self.run, overwrite=True)
-                output.commit()
-        except FileExistsError:
-            print(f"warning: {flag}: the file appeared during the run; not replaced (add "
-                  f"--overwrite to replace it)", file=self.messages)
-        except OSError as e:  # a full disk
-            from nanosample.cli import RunError
-            if output is not None:
-                output.discard()
-            raise RunError(f"{flag}: cannot write it ({e.strerror})") from None
+        self._write_output("html", flag, self.html_path, lambda path, overwrite:
+                           explorer.write_html(self.all_records, path, self.run, overwrite=overwrite))
 
     def _plot(self):
         flag = f"--plot={self.plot_path}"
@@ -523,12 +509,19 @@ class Explainer:
             print(f"warning: {flag}: sample {self.table_sample} has no step {self.plot_step} "
                   f"(it ended after {len(steps)} tokens); drawing its last step, {step}",
                   file=self.messages)
-        output = self.outputs.get("plot")
+        self._write_output("plot", flag, self.plot_path, lambda path, overwrite:
+                           plot_explained(self.records, path, step, overwrite=overwrite))
+
+    def _write_output(self, key, flag, path, write):
+        """Write one output with `write(path, overwrite)`: through its cli.OutputFile when
+        sample.py made one (a temporary file, put in place whole), else straight to `path`. A
+        file that appeared meanwhile is kept, with a warning; a full disk is a cli.RunError."""
+        output = self.outputs.get(key)
         try:
             if output is None:
-                plot_explained(self.records, self.plot_path, step, overwrite=self.overwrite)
+                write(path, self.overwrite)
             else:
-                plot_explained(self.records, output.write_path, step, overwrite=True)
+                write(output.write_path, True)
                 output.commit()
         except FileExistsError:
             print(f"warning: {flag}: the file appeared during the run; not replaced (add "
