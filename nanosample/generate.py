@@ -137,6 +137,7 @@ class TextStream:
     def __init__(self, tokenizer, stop):
         self.tokenizer = tokenizer
         self.stop = [s for s in stop if s]
+        self.longest = max((len(s) for s in self.stop), default=0)  # how far back a stop can begin
         self.decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
         self.text = ""      # all generated text so far
         self.emitted = 0    # how much of it has been handed out
@@ -145,8 +146,7 @@ class TextStream:
         """Append a token. Returns (new safe text, whether a stop string ended the sample)."""
         before = len(self.text)
         self.text += self.decoder.decode(self.tokenizer.decode_bytes([token]))
-        longest = max((len(s) for s in self.stop), default=0)
-        search_from = max(0, before - longest + 1)
+        search_from = max(0, before - self.longest + 1)
         hits = [i for i in (self.text.find(s, search_from) for s in self.stop) if i >= 0]
         if hits:
             self.text = self.text[:min(hits)]  # text after a stop string is never emitted
@@ -176,8 +176,7 @@ class TextStream:
 
 def generate(model, tokenizer, prompt_ids, params, *, num_samples=1, max_new_tokens=100,
              seed=1337, batch_size=None, stop=(), stop_at_eot=True, trace=None,
-             first_sample=0, window=256, draw="inverse_cdf", context="half",
-             sampler=sample_step):
+             first_sample=0, draw="inverse_cdf", context="half", sampler=sample_step):
     """Generate `num_samples` continuations of `prompt_ids`, yielding `Piece`s as they come.
 
     `params` is one `SamplingParams` for every sample or a list with one per sample. Samples
@@ -210,8 +209,7 @@ def generate(model, tokenizer, prompt_ids, params, *, num_samples=1, max_new_tok
         yield from _generate_batch(
             model, tokenizer, prompt_ids, [params[i] for i in indices],
             [first_sample + i for i in indices], max_new_tokens=max_new_tokens, seed=seed,
-            stop=stop, stop_at_eot=stop_at_eot, trace=trace, window=window, stream=stream,
-            sampler=sampler,
+            stop=stop, stop_at_eot=stop_at_eot, trace=trace, stream=stream, sampler=sampler,
             context=context)
 
 
@@ -232,8 +230,7 @@ class _Batch:
 
 @torch.no_grad()
 def _generate_batch(model, tokenizer, prompt_ids, params, samples, *, max_new_tokens, seed,
-                    stop, stop_at_eot, trace, window, stream=None, context="half",
-                    sampler=sample_step):
+                    stop, stop_at_eot, trace, stream, context, sampler):
     """One batch of samples, yielding Pieces: prefill, then each step draw, emit, advance.
 
     `stream`: the run's one random stream for nanoGPT's draw, or None for the inverse-CDF
@@ -247,7 +244,7 @@ def _generate_batch(model, tokenizer, prompt_ids, params, samples, *, max_new_to
                              stop=stop, max_new_tokens=max_new_tokens)
     eot = tokenizer.eot_id if stop_at_eot else None
     for step in range(max_new_tokens):
-        result = _draw(logits, batch, stream, tokenizer.n_vocab, window, sampler,
+        result = _draw(logits, batch, stream, tokenizer.n_vocab, sampler,
                        candidates=trace is not None)  # only the trace reads them
         if trace is not None:
             trace(TraceStep(batch.samples, list(batch.active), step, len(batch.sequences[0]),
@@ -288,7 +285,7 @@ def _prefill(model, tokenizer, prompt_ids, params, samples, *, seed, stop, max_n
     return batch, logits
 
 
-def _draw(logits, batch, stream, n_vocab, window, sampler, candidates):
+def _draw(logits, batch, stream, n_vocab, sampler, candidates):
     """One step's decision for every row from its logits (B, V): a `sampling.Step`.
 
     Each row's u comes from its own generator (inverse CDF), or, when `stream` is given,
@@ -296,9 +293,8 @@ def _draw(logits, batch, stream, n_vocab, window, sampler, candidates):
     """
     if stream is None:
         return sampler(logits, batch.params, batch.generators, n_vocab, seen=batch.seen,
-                       counts=batch.counts, window=window, candidates=candidates)
-    return multinomial_step(logits, batch.params, stream, n_vocab, window=window,
-                            candidates=candidates)
+                       counts=batch.counts, candidates=candidates)
+    return multinomial_step(logits, batch.params, stream, n_vocab, candidates=candidates)
 
 
 def _emit(batch, tokens, eot, last_step):

@@ -19,8 +19,7 @@ from dataclasses import dataclass
 import torch
 
 from nanosample import fast_sampling
-from nanosample.sampler_settings import (FLOAT32_MAX, FLOAT32_TINY, NUMBERS, SETTINGS,  # noqa: F401
-                                         SamplingParams, check_token_ids)
+from nanosample.sampler_settings import FLOAT32_MAX, FLOAT32_TINY, NUMBERS, SamplingParams
 
 NEG_INF = float("-inf")
 
@@ -292,16 +291,16 @@ def use_fast_path(params):
     return params.vocab_size > READABLE_MAX_VOCAB and not unknown
 
 
-def sample_step(logits, params, generators, n_valid, seen=None, counts=None, window=256,
-                candidates=True, fast=None):
+def sample_step(logits, params, generators, n_valid, seen=None, counts=None, candidates=True,
+                fast=None):
     """SAMPLING.md §1 for one step of a batch: raw logits (B, V) -> the chosen tokens.
 
     `generators` holds one torch.Generator per row (greedy rows ignore their u); `seen` (B, V)
     bool marks ids in the prompt or output so far, `counts` (B, V) counts generated ids; both
-    are needed only when a row uses penalties. `window` is the fast path's, and with
-    `candidates=False` it skips listing the candidates for the explain trace (Step.candidates
-    and Step.ranks are then None); the tokens are the same. `fast` picks a path (True: the
-    fast one; None: as `use_fast_path` says), for the tests and bench_sampler.py.
+    are needed only when a row uses penalties. With `candidates=False` it skips listing the
+    candidates for the explain trace (Step.candidates and Step.ranks are then None); the
+    tokens are the same. `fast` picks a path (True: the fast one; None: as `use_fast_path`
+    says), for the tests and bench_sampler.py.
     """
     logits = clean_logits(logits, n_valid)                                       # step 1
     if params.bias is not None:                                                  # step 2
@@ -320,7 +319,7 @@ def sample_step(logits, params, generators, n_valid, seen=None, counts=None, win
             u = u.masked_fill(params.greedy, math.nan)
 
     if use_fast_path(params) if fast is None else fast:
-        tokens, ranks, listed = fast_sampling.sample_step(logits, params, u, window, candidates)
+        tokens, ranks, listed = fast_sampling.sample_step(logits, params, u, candidates=candidates)
         return Step(tokens=tokens, ranks=ranks, u=u, candidates=listed, adjusted=logits)
     tempered = apply_temperature(logits, params.safe_temperature)                # step 5
     listed = list_candidates(tempered, params)                                   # steps 4, 6-9
@@ -350,7 +349,7 @@ def nanogpt_draw(logits, temperature, top_k, generator):
     return torch.multinomial(probs, num_samples=1, generator=generator)[:, 0]  # (B,)
 
 
-def multinomial_step(logits, params, generator, n_valid, window=256, candidates=True):
+def multinomial_step(logits, params, generator, n_valid, candidates=True):
     """`sample_step` with nanoGPT's draw: raw logits (1, V) -> Step, one row at a time.
 
     Temperature and top-k only (settings refuse the other samplers with this draw). Clean-up
@@ -370,7 +369,7 @@ def multinomial_step(logits, params, generator, n_valid, window=256, candidates=
         tokens = nanogpt_draw(clean, row.temperature, row.top_k, generator)
     listed = ranks = None
     if candidates:
-        listed = sample_step(logits, params, [torch.Generator()], n_valid, window=window).candidates
+        listed = sample_step(logits, params, [torch.Generator()], n_valid).candidates
         ranks = (listed.ids == tokens[:, None]).int().argmax(dim=-1)      # (1,)
     u = torch.full((1,), math.nan, dtype=torch.float64, device=logits.device)
     return Step(tokens=tokens, ranks=ranks, u=u, candidates=listed, adjusted=clean)
