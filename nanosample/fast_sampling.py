@@ -37,11 +37,11 @@ class _Plan:
         rows, V = params.rows, params.vocab_size
         self.rows, self.vocab_size, self.scratch = rows, V, params.scratch
         self.top_k = params.top_k[:, 0]                                   # (B,)
+        self.k_active = (self.top_k > 0) & (self.top_k < V)               # (B,) top-k on
         self.top_p, self.min_p = params.top_p, params.min_p               # (B, 1)
         self.greedy, self.any_greedy = params.greedy, params.any_greedy   # (B,)
         self.safe_temperature = params.safe_temperature                   # (B, 1), greedy rows 1
-        self.uses_top_p = any(r.top_p < 1 for r in rows)
-        self.uses_min_p = any(r.min_p > 0 for r in rows)
+        self.uses_top_p, self.uses_min_p = params.on["top_p"], params.on["min_p"]
         self.uses_top_k = any(0 < r.top_k < V for r in rows)
         self.k_max = max(r.top_k for r in rows) if self.uses_top_k else 0
         self.all_unit_temperature = all(r.temperature in (0, 1) for r in rows)
@@ -205,8 +205,7 @@ def _filter_window(values, params):
     B, M = values.shape
     V = params.vocab_size
     always = torch.ones((), dtype=torch.bool, device=values.device).expand(B, M)  # a filter that is off
-    k = params.top_k                                                     # (B,)
-    k_active = (k > 0) & (k < V)
+    k, k_active = params.top_k, params.k_active                          # (B,)
     kth = values.gather(-1, (k - 1).clamp(0, M - 1)[:, None])           # (B, 1)
     kept_top_k = (~k_active[:, None] | (values >= kth)) if params.uses_top_k else always
 
@@ -224,7 +223,7 @@ def _filter_window(values, params):
     kept_min_p = always
     if params.uses_min_p:
         m = params.min_p                                                 # (B, 1)
-        kept_min_p = (m <= 0) | (torch.exp(values - values[:, :1]) >= m)
+        kept_min_p = _kept_by_min_p(values, m)
 
     kept_top_k, kept_top_p, kept_min_p = _in_order(values, kept_top_k, kept_top_p, kept_min_p)
     kept = kept_min_p
@@ -237,6 +236,12 @@ def _filter_window(values, params):
     sure = ~kept[:, -1] & (~k_active | ((k < M) & (values[:, -1] < kth[:, 0])))
     sure = (sure | params.greedy | (M >= V)) & ~params.wide
     return (kept, kept_top_k, kept_top_p, kept_min_p), sure, kth
+
+
+def _kept_by_min_p(values, m):
+    """Min-p's verdict on ranked logits (B, M), best first: p_i / max(p) >= m, as
+    `sampling.apply_min_p`; m (B, 1) <= 0 is off."""
+    return (m <= 0) | (torch.exp(values - values[:, :1]) >= m)
 
 
 def _in_order(values, kept_top_k, kept_top_p, kept_min_p):
@@ -411,11 +416,10 @@ class _Buckets:
     def _top_k_cut(self, weights, params, rows, kth):
         """The weights with top-k's dropped tokens at 0; sets self.kth, top-k's threshold
         (taken from the window, -inf where top-k is off)."""
-        R, V = self.logits.shape
+        R = self.logits.shape[0]
         self.kth = torch.full((R, 1), NEG_INF, device=self.logits.device)
         if params.uses_top_k and kth is not None:
-            k = params.top_k[rows]
-            self.kth = torch.where(((k > 0) & (k < V))[:, None], kth, NEG_INF)  # from the window
+            self.kth = torch.where(params.k_active[rows, None], kth, NEG_INF)  # from the window
             if bool((self.kth > NEG_INF).any()):
                 weights = weights.masked_fill(self.logits < self.kth, 0.0)
         return weights
@@ -508,7 +512,7 @@ class _Buckets:
             kth, tau, m, p_active = kth[rows], tau[rows], m[rows], p_active[rows]
         kept_top_k = values >= kth
         kept_top_p = ~p_active[:, None] | (values >= tau)
-        kept_min_p = (m <= 0) | (torch.exp(values - values[:, :1]) >= m)
+        kept_min_p = _kept_by_min_p(values, m)
         kept_top_k, kept_top_p, kept_min_p = _in_order(values, kept_top_k, kept_top_p, kept_min_p)
         return kept_min_p, kept_top_k, kept_top_p, kept_min_p
 
