@@ -228,18 +228,6 @@ class Prompt:
     cut: bool = False           # the continuation was cut at a token count (may end mid-word)
 
 
-def read_corpus(path):
-    """Text of --data, or of tiny Shakespeare (downloaded once into a cache)."""
-    flag = f"--data={path}"
-    if not path:
-        from nanosample.corpus import download_tiny_shakespeare
-        try:
-            path = str(download_tiny_shakespeare())
-        except ValueError as e:
-            raise SettingsError(f"--data: {e}") from None
-    return cli.read_user_text(path, flag, what="a text file", limit=cli.CORPUS_LIMIT)
-
-
 def heldout_prompts(text, tokenizer, num_prompts, prompt_length, continuation_length,
                     val_fraction=VAL_FRACTION, flag="--data"):
     """`num_prompts` windows of the last `val_fraction` of `text`: prompt + human continuation.
@@ -749,6 +737,7 @@ def _load_model_and_prompts(settings, sweep):
     import torch
 
     from nanosample import loader
+    from nanosample.corpus import read_corpus
     from nanosample.device import resolve_device
 
     if settings.threads is not None:
@@ -765,7 +754,8 @@ def _load_model_and_prompts(settings, sweep):
     else:
         _check_settings_against_model(settings, loaded.model.config.block_size)
         check_sweep_fits(settings, sweep, loaded.model.config, device)
-        prompts = heldout_prompts(read_corpus(settings.data), loaded.tokenizer,
+        text, _ = read_corpus(settings.data)
+        prompts = heldout_prompts(text, loaded.tokenizer,
                                   settings.num_prompts, settings.prompt_length,
                                   settings.max_new_tokens, val_fraction,
                                   f"--data={settings.data}" if settings.data else "--data")
