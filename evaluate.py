@@ -55,7 +55,7 @@ from dataclasses import dataclass, field, fields
 from nanosample import cli
 from nanosample.sampler_settings import NUMBERS
 # `setting` is also a flag's name below, so the field helper goes by another name here
-from nanosample.settings import HelpRequested, SettingsError, parse_settings
+from nanosample.settings import DEVICE_PATTERN, HelpRequested, SettingsError, check, parse_settings
 from nanosample.settings import setting as option
 
 DESCRIPTION = ("Sweep decoding settings and measure each as Holtzman et al. do: perplexity, "
@@ -127,26 +127,23 @@ class EvaluateSettings:
                                      "2 rows is too little work to share between threads")
 
     def __post_init__(self):
-        _check(self.num_prompts >= 2, "num_prompts", self.num_prompts, "must be an integer >= 2")
-        _check(self.prompt_length >= 1, "prompt_length", self.prompt_length,
-               "must be an integer >= 1")
-        _check(self.num_samples >= 1, "num_samples", self.num_samples, "must be an integer >= 1")
-        _check(self.max_new_tokens >= 1, "max_new_tokens", self.max_new_tokens,
-               "must be an integer >= 1")
-        _check(0 <= self.seed < 2**63, "seed", self.seed, "must be an integer >= 0 and < 2**63")
-        _check(self.out_dir != "", "out_dir", "''", "must be a directory path")
-        _check(self.threads is None or self.threads >= 1, "threads", self.threads,
-               "must be an integer >= 1, or None")
-        _check(self.prompts != "", "prompts", "''", "must be a file path, or None")
-        _check(self.prompts is None or self.data == "", "data", self.data,
-               "give --data or --prompts, not both (--prompts brings its own text)")
+        check(self.num_prompts >= 2, "num_prompts", self.num_prompts, "must be an integer >= 2")
+        check(self.prompt_length >= 1, "prompt_length", self.prompt_length,
+              "must be an integer >= 1")
+        check(self.num_samples >= 1, "num_samples", self.num_samples, "must be an integer >= 1")
+        check(self.max_new_tokens >= 1, "max_new_tokens", self.max_new_tokens,
+              "must be an integer >= 1")
+        check(0 <= self.seed < 2**63, "seed", self.seed, "must be an integer >= 0 and < 2**63")
+        check(self.out_dir != "", "out_dir", "''", "must be a directory path")
+        check(self.threads is None or self.threads >= 1, "threads", self.threads,
+              "must be an integer >= 1, or None")
+        check(self.prompts != "", "prompts", "''", "must be a file path, or None")
+        check(bool(DEVICE_PATTERN.fullmatch(self.device)), "device", self.device,
+              "must be auto, cpu, cuda, cuda:N or mps")
+        check(self.prompts is None or self.data == "", "data", self.data,
+              "give --data or --prompts, not both (--prompts brings its own text)")
         for text in self.setting:
             parse_inline_setting(text)
-
-
-def _check(ok, name, value, allowed):
-    if not ok:
-        raise ValueError(f"{name}={value}: {allowed}")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -229,18 +226,6 @@ class Prompt:
     continuation_ids: list | None = None  # the human continuation, when known
     continuation_text: str | None = None
     cut: bool = False           # the continuation was cut at a token count (may end mid-word)
-
-
-def read_corpus(path):
-    """Text of --data, or of tiny Shakespeare (downloaded once into a cache)."""
-    flag = f"--data={path}"
-    if not path:
-        from nanosample.corpus import download_tiny_shakespeare
-        try:
-            path = str(download_tiny_shakespeare())
-        except ValueError as e:
-            raise SettingsError(f"--data: {e}") from None
-    return cli.read_user_text(path, flag, what="a text file", limit=cli.CORPUS_LIMIT)
 
 
 def heldout_prompts(text, tokenizer, num_prompts, prompt_length, continuation_length,
@@ -694,8 +679,10 @@ def evaluate(argv):
 
     try:
         loaded, prompts, val_fraction = _load_model_and_prompts(settings, sweep)
-    except (SettingsError, loader.CheckpointError) as e:
+    except SettingsError as e:
         return cli.report_error(e)
+    except loader.CheckpointError as e:
+        return cli.report_error(cli.checkpoint_message(e))
 
     tokenizer = loaded.tokenizer
     units = "words (character-level model)" if tokenizer.name == "char" else \
@@ -750,6 +737,7 @@ def _load_model_and_prompts(settings, sweep):
     import torch
 
     from nanosample import loader
+    from nanosample.corpus import read_corpus
     from nanosample.device import resolve_device
 
     if settings.threads is not None:
@@ -766,7 +754,8 @@ def _load_model_and_prompts(settings, sweep):
     else:
         _check_settings_against_model(settings, loaded.model.config.block_size)
         check_sweep_fits(settings, sweep, loaded.model.config, device)
-        prompts = heldout_prompts(read_corpus(settings.data), loaded.tokenizer,
+        text, _ = read_corpus(settings.data)
+        prompts = heldout_prompts(text, loaded.tokenizer,
                                   settings.num_prompts, settings.prompt_length,
                                   settings.max_new_tokens, val_fraction,
                                   f"--data={settings.data}" if settings.data else "--data")
@@ -799,9 +788,13 @@ def write_outputs(settings, paths, report, rows, prompts, generations, title):
         os.makedirs(settings.out_dir, exist_ok=True)
     except OSError as e:
         raise cli.RunError(f"--out_dir={settings.out_dir}: cannot make it ({e.strerror})") from None
-    outputs = {name: cli.OutputFile(path, f"--out_dir={settings.out_dir}: {name}",
-                                    overwrite=settings.overwrite) for name, path in paths.items()}
+    outputs = {}
     try:
+        # made inside the try: a later one failing (a file that appeared meanwhile) must not
+        # leave the earlier ones' temporary files behind
+        for name, path in paths.items():
+            outputs[name] = cli.OutputFile(path, f"--out_dir={settings.out_dir}: {name}",
+                                           overwrite=settings.overwrite)
         cli.write_whole(outputs["sweep.md"], report)
         write_csv(outputs["sweep.csv"], rows)
         write_samples(outputs["samples.jsonl"], prompts, generations)
@@ -823,8 +816,6 @@ def _check_settings_against_model(settings, block_size):
     if settings.prompt_length > block_size:
         raise SettingsError(f"--prompt_length={settings.prompt_length}: longer than the model's "
                             f"context of {block_size} tokens (block_size)")
-
-
 
 
 if __name__ == "__main__":

@@ -100,9 +100,7 @@ def load_and_run(parsed, init_from, prompt, prompt_flag, outputs, explain):
         trace = explain.open_trace(settings, loaded.tokenizer, prompt_ids, outputs) \
             if explain else None
     except loader.CheckpointError as e:
-        # The loader names the file, or init_from=... which is our --init_from flag.
-        message = str(e)
-        return cli.report_error("--" + message if message.startswith("init_from=") else message)
+        return cli.report_error(cli.checkpoint_message(e))
     except SettingsError as e:
         return cli.report_error(e)
 
@@ -247,9 +245,10 @@ def batch_size_for(settings, model, prompt_tokens, device):
 def import_explain(settings):
     """Explain mode (the per-step table, trace file and plot) lives in explain.py, imported only when asked for.
 
-    The contract explain.py provides: `open_trace(settings, tokenizer)` returns the `trace`
-    callable that generate() calls with each step's TraceStep, with a `close()` that finishes
-    its outputs (table, JSON Lines file, plot); it raises SettingsError for a user's mistake.
+    The contract explain.py provides: `open_trace(settings, tokenizer, prompt_ids, outputs)`
+    returns the `trace` callable that generate() calls with each step's TraceStep, with a
+    `close()` that finishes its outputs (table, JSON Lines file, plot, page; `outputs` are
+    the OutputFiles of check_output_paths); it raises SettingsError for a user's mistake.
     """
     if not settings.explaining:
         return None

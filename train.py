@@ -27,10 +27,9 @@ import platform
 import sys
 import time
 from dataclasses import asdict, dataclass
-from pathlib import Path
 
 from nanosample import cli
-from nanosample.corpus import download_tiny_shakespeare
+from nanosample.corpus import read_corpus
 from nanosample.settings import SettingsError, parse_for_main, setting
 
 VAL_SEED_OFFSET = 1  # the validation windows come from their own generator, never the train one
@@ -119,15 +118,6 @@ class TrainSettings:
 
 
 # ----------------------------------------------------------------------------- data
-
-def read_corpus(settings):
-    """(text, where it came from) for settings.data, or the downloaded tiny Shakespeare: a
-    regular UTF-8 file of at most cli.CORPUS_LIMIT bytes."""
-    path = Path(settings.data) if settings.data else download_tiny_shakespeare()
-    text = cli.read_user_text(str(path), f"--data={path}", what="a text corpus",
-                              limit=cli.CORPUS_LIMIT)
-    return text, path
-
 
 CHECKPOINT_FILES = ("model.safetensors", "config.json", "ckpt.pt")
 
@@ -265,7 +255,7 @@ def train(s, log=print):
     Raises SettingsError for what is found before the first step (the corpus, --out_dir, the
     memory), TrainingFailed when the loss stops being finite (nothing is saved then).
     """
-    text, corpus_path = read_corpus(s)
+    text, corpus_path = read_corpus(s.data)
     chars = sorted(set(text))
     check_out_dir(s)
     check_memory(s, len(chars))

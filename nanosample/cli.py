@@ -54,6 +54,13 @@ def report_error(error, code=EXIT_USAGE):
     return code
 
 
+def checkpoint_message(error):
+    """A loader.CheckpointError as one line for the user: the loader names the file, or
+    `init_from=...`, which the user typed as the --init_from flag (or a config file's key)."""
+    message = str(error)
+    return "--" + message if message.startswith("init_from=") else message
+
+
 def failure(error):
     """One line for an exception raised mid-run by the model or torch: its first line."""
     lines = str(error).strip().splitlines()
@@ -206,12 +213,9 @@ def decode_utf8(data, name):
                             f"{e.start})") from None
 
 
-def read_user_text(path, name, *, what="a text file", noun="file", limit=CONFIG_LIMIT,
-                   missing_hint=""):
+def read_user_text(path, name, *, what="a text file", limit=CONFIG_LIMIT):
     """A user's UTF-8 file as text, bounded as read_user_bytes reads it."""
-    data = read_user_bytes(path, name, what=what, noun=noun, limit=limit,
-                           missing_hint=missing_hint)
-    return decode_utf8(data, name)
+    return decode_utf8(read_user_bytes(path, name, what=what, limit=limit), name)
 
 
 def parse_toml(text, name):

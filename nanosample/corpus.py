@@ -6,6 +6,9 @@ import os
 import urllib.request
 from pathlib import Path
 
+from nanosample import cli
+from nanosample.settings import SettingsError
+
 TINY_SHAKESPEARE_URL = "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt"
 TINY_SHAKESPEARE_SHA256 = "86c4e6aa9db7c042ec79f339dcb96d42b0075e16b8fc2e86bf0ca57e2dc565ed"
 
@@ -36,3 +39,18 @@ def download_tiny_shakespeare(cache_dir=None):
     tmp.write_bytes(data)
     tmp.replace(path)  # never leave a half-written cache file behind
     return path
+
+
+def read_corpus(data):
+    """(text, path) of the corpus --data names, or of tiny Shakespeare (downloaded once) when
+    `data` is empty: a regular UTF-8 file of at most cli.CORPUS_LIMIT bytes. Every mistake, a
+    failed download included, is a SettingsError naming --data."""
+    if data:
+        path = data
+    else:
+        try:
+            path = str(download_tiny_shakespeare())
+        except ValueError as e:
+            raise SettingsError(f"--data: {e}") from None
+    text = cli.read_user_text(path, f"--data={path}", what="a text corpus", limit=cli.CORPUS_LIMIT)
+    return text, Path(path)

@@ -448,7 +448,7 @@ def _nanogpt_entries(path, entries, foreign):
 
 def _name_the_source(message, sources):
     """Start a validation error ("top_p=1.5: ...") with the flag or file that set the value."""
-    message = " ".join(message.split())  # one line, whatever the validator wrote
+    message = cli.one_line(message)  # whatever the validator wrote
     m = re.match(r"(\w+)=", message)
     if m and m.group(1) in sources:
         source = sources[m.group(1)]
@@ -485,7 +485,7 @@ def settings_help(cls, *, prog, description=""):
 # ---------------------------------------------------------------------------------------------
 # sample.py's settings
 
-_DEVICE = re.compile(r"auto|cpu|mps|cuda(:\d+)?")
+DEVICE_PATTERN = re.compile(r"auto|cpu|mps|cuda(:\d+)?")
 _DTYPES = ("auto", "float32", "bfloat16", "float16")
 _PLOT_SUFFIXES = (".png", ".svg", ".pdf")
 
@@ -563,40 +563,40 @@ class SampleSettings:
     def __post_init__(self):
         # Validation at the edge: each check raises ValueError("name=value: what is allowed"),
         # which parse_settings prefixes with the flag or config file that set the value.
-        _check(self.num_samples >= 1, "num_samples", self.num_samples, "must be an integer >= 1")
-        _check(self.max_new_tokens >= 0, "max_new_tokens", self.max_new_tokens,
-               "must be an integer >= 0")
-        _check(0 <= self.seed < 2**63, "seed", self.seed, "must be an integer >= 0 and < 2**63")
-        _check(self.batch_size is None or self.batch_size >= 1, "batch_size", self.batch_size,
-               "must be an integer >= 1, or None for no cap")
+        check(self.num_samples >= 1, "num_samples", self.num_samples, "must be an integer >= 1")
+        check(self.max_new_tokens >= 0, "max_new_tokens", self.max_new_tokens,
+              "must be an integer >= 0")
+        check(0 <= self.seed < 2**63, "seed", self.seed, "must be an integer >= 0 and < 2**63")
+        check(self.batch_size is None or self.batch_size >= 1, "batch_size", self.batch_size,
+              "must be an integer >= 1, or None for no cap")
         for s in self.stop:
-            _check(s != "", "stop", "''", "stop strings must not be empty")
-        _check(bool(_DEVICE.fullmatch(self.device)), "device", self.device,
-               "must be auto, cpu, cuda, cuda:N or mps")
-        _check(self.dtype in _DTYPES, "dtype", self.dtype,
-               "must be auto, float32, bfloat16 or float16")
-        _check(self.draw in ("inverse_cdf", "multinomial"), "draw", self.draw,
-               "must be inverse_cdf or multinomial")
-        _check(self.context in ("half", "crop"), "context", self.context, "must be half or crop")
+            check(s != "", "stop", "''", "stop strings must not be empty")
+        check(bool(DEVICE_PATTERN.fullmatch(self.device)), "device", self.device,
+              "must be auto, cpu, cuda, cuda:N or mps")
+        check(self.dtype in _DTYPES, "dtype", self.dtype,
+              "must be auto, float32, bfloat16 or float16")
+        check(self.draw in ("inverse_cdf", "multinomial"), "draw", self.draw,
+              "must be inverse_cdf or multinomial")
+        check(self.context in ("half", "crop"), "context", self.context, "must be half or crop")
         if self.draw == "multinomial":
             # nanoGPT's sampler has temperature and top-k only; the others have no place in it
             for name, off in (("top_p", 1.0), ("min_p", 0.0), ("repetition_penalty", 1.0),
                               ("frequency_penalty", 0.0), ("presence_penalty", 0.0),
                               ("logit_bias", None), ("ban", ())):
-                _check(getattr(self, name) == off, name, getattr(self, name),
-                       f"--draw=multinomial is nanoGPT's sampler (temperature and top_k only); "
-                       f"{name} needs --draw=inverse_cdf")
-        _check(0 <= self.explain_sample < self.num_samples, "explain_sample", self.explain_sample,
-               f"must be >= 0 and < num_samples ({self.num_samples})")
-        _check(self.explain_top >= 1, "explain_top", self.explain_top, "must be an integer >= 1")
-        _check(self.explain_file != "", "explain_file", "''", "must be a file path, or None")
-        _check(self.html != "", "html", "''", "must be a file path, or None")
+                check(getattr(self, name) == off, name, getattr(self, name),
+                      f"--draw=multinomial is nanoGPT's sampler (temperature and top_k only); "
+                      f"{name} needs --draw=inverse_cdf")
+        check(0 <= self.explain_sample < self.num_samples, "explain_sample", self.explain_sample,
+              f"must be >= 0 and < num_samples ({self.num_samples})")
+        check(self.explain_top >= 1, "explain_top", self.explain_top, "must be an integer >= 1")
+        check(self.explain_file != "", "explain_file", "''", "must be a file path, or None")
+        check(self.html != "", "html", "''", "must be a file path, or None")
         if self.plot is not None:
-            _check(os.path.splitext(self.plot)[1].lower() in _PLOT_SUFFIXES, "plot", self.plot,
-                   "must be a file path ending in .png, .svg or .pdf")
-            _check(0 <= self.plot_step < max(self.max_new_tokens, 1), "plot_step", self.plot_step,
-                   f"must be >= 0 and < max_new_tokens ({self.max_new_tokens})")
-        _check(self.plot_step >= 0, "plot_step", self.plot_step, "must be an integer >= 0")
+            check(os.path.splitext(self.plot)[1].lower() in _PLOT_SUFFIXES, "plot", self.plot,
+                  "must be a file path ending in .png, .svg or .pdf")
+            check(0 <= self.plot_step < max(self.max_new_tokens, 1), "plot_step", self.plot_step,
+                  f"must be >= 0 and < max_new_tokens ({self.max_new_tokens})")
+        check(self.plot_step >= 0, "plot_step", self.plot_step, "must be an integer >= 0")
         self.sampling_params()
 
     @property
@@ -615,6 +615,8 @@ class SampleSettings:
                                  for s in SAMPLER_SETTINGS})
 
 
-def _check(ok, name, value, allowed):
+def check(ok, name, value, allowed):
+    """A settings class's validation (its __post_init__): ValueError("name=value: allowed")
+    unless `ok`; read_settings names the flag or file that set it."""
     if not ok:
         raise ValueError(f"{name}={value}: {allowed}")
