@@ -486,7 +486,8 @@ def _child_main(args):
 def _machine_report(bench, threads):
     """Print what the run is measured on (machine, load, model, read bandwidth); return it."""
     model = bench.model
-    print(f"machine: {machine_line(threads)}")
+    machine = machine_line(threads)
+    print(f"machine: {machine}")
     load_at_start = os.getloadavg()
     print(f"load average at start: {' '.join(f'{x:.2f}' for x in load_at_start)}")
     print(f"model: {bench.loaded.source}, {model.num_params() / 1e6:.1f}M parameters")
@@ -495,7 +496,7 @@ def _machine_report(bench, threads):
     bound = bandwidth * 1e9 / step_bytes
     print(f"read bandwidth: {bandwidth:.1f} GB/s (sum over 512 MiB); a decode step reads "
           f"{step_bytes / 1e6:.1f} MB of weights, so batch 1 can do at most {bound:.0f} tokens/s")
-    return {"machine": machine_line(threads), "load_at_start": load_at_start, "threads": threads,
+    return {"machine": machine, "load_at_start": load_at_start, "threads": threads,
             "model": bench.loaded.source,
             "dtype": str(next(model.parameters()).dtype).replace("torch.", ""),
             "bandwidth_gbs": bandwidth, "weight_mb_per_step": step_bytes / 1e6,

@@ -45,7 +45,6 @@ import contextlib
 import difflib
 import io
 import json
-import math
 import os
 import pickle
 import reprlib
@@ -371,43 +370,44 @@ SIZE_LIMITS = {"block_size": MAX_BLOCK_SIZE, "vocab_size": MAX_VOCAB, "n_layer":
                "n_head": MAX_EMBD, "n_embd": MAX_EMBD}
 
 
+def _size_rule(limit):
+    return (lambda v: isinstance(v, int) and not isinstance(v, bool) and 1 <= v <= limit,
+            f"a positive integer, at most {limit} (no GPT-2-family model is larger)")
+
+
+# field -> (whether a value is allowed, what the message says it must be), checked in this order
+CONFIG_RULES = {
+    **{f: _size_rule(limit) for f, limit in SIZE_LIMITS.items()},
+    # 0 < eps < 1 also refuses NaN and inf, and compares a huge int without converting it
+    "layer_norm_epsilon": (lambda v: isinstance(v, (int, float)) and not isinstance(v, bool)
+                           and 0 < v < 1, "a number between 0 and 1 (GPT-2's is 1e-5)"),
+    "bias": (lambda v: isinstance(v, bool), "true or false"),
+    # a tuple compares with ==: an unhashable value is just unequal
+    "gelu": (lambda v: v in ("tanh", "exact"), "'tanh' or 'exact'"),
+}
+
+
 def _config_from_dict(values, source, file_names=None, **overrides):
     """GPTConfig from a dict of its fields; unknown or bad values are a CheckpointError.
 
-    Every value is checked here, before any model is built: types, ranges, n_embd a multiple of
-    n_head, and the parameter count the sizes imply, so an absurd config fails at once.
-    Messages name a field as the file does: `file_names` maps ours to the file's (block_size is
-    Hugging Face's n_positions).
+    Every value is checked here (CONFIG_RULES), before any model is built: types, ranges,
+    n_embd a multiple of n_head, and the parameter count the sizes imply, so an absurd config
+    fails at once. Messages name a field as the file does: `file_names` maps ours to the
+    file's (block_size is Hugging Face's n_positions).
     """
-    def name(f):
-        return (file_names or {}).get(f, f)
-
     names = {f.name for f in fields(GPTConfig)}
     unknown = sorted(str(k) for k in set(values) - names)
     if unknown:
         raise CheckpointError(f"{source}: unknown model config field {_short(unknown[0])}; "
                               f"known: {', '.join(sorted(names))}")
     values = {**asdict(GPTConfig()), **values, **overrides}
-    for f, limit in SIZE_LIMITS.items():
-        v = values[f]
-        if not isinstance(v, int) or isinstance(v, bool) or not 1 <= v <= limit:
-            raise CheckpointError(f"{source}: model config {name(f)}={_short(v)}: must be a "
-                                  f"positive integer, at most {limit} (no GPT-2-family model is "
-                                  f"larger)")
+    for f, (allowed, what) in CONFIG_RULES.items():
+        if not allowed(values[f]):
+            raise CheckpointError(f"{source}: model config {(file_names or {}).get(f, f)}="
+                                  f"{_short(values[f])}: must be {what}")
     if values["n_embd"] % values["n_head"]:
         raise CheckpointError(f"{source}: model config n_embd={values['n_embd']} is not a multiple "
                               f"of n_head={values['n_head']}")
-    eps = values["layer_norm_epsilon"]
-    if (not isinstance(eps, (int, float)) or isinstance(eps, bool) or not math.isfinite(eps)
-            or not 0 < eps < 1):
-        raise CheckpointError(f"{source}: model config layer_norm_epsilon={_short(eps)}: must be "
-                              f"a number between 0 and 1 (GPT-2's is 1e-5)")
-    if not isinstance(values["bias"], bool):
-        raise CheckpointError(f"{source}: model config bias={_short(values['bias'])}: must be "
-                              f"true or false")
-    if values["gelu"] not in ("tanh", "exact"):  # both strings: an unhashable value is just unequal
-        raise CheckpointError(f"{source}: model config gelu={_short(values['gelu'])}: must be "
-                              f"'tanh' or 'exact'")
     config = GPTConfig(**values)
     n = parameter_count(config)
     if n > MAX_PARAMETERS:
