@@ -553,7 +553,6 @@ def open_trace(settings, tokenizer, prompt_ids=None, outputs=None):
     --explain_file that cannot be written.
     """
     from nanosample.cli import OutputFile
-    from nanosample.settings import SettingsError
 
     if settings.plot is not None:
         require_matplotlib(f"--plot={settings.plot}")
@@ -567,18 +566,13 @@ def open_trace(settings, tokenizer, prompt_ids=None, outputs=None):
         outputs = {flag: OutputFile(path, f"--{flag}={path}", overwrite=settings.overwrite)
                    for flag, path in (("explain_file", settings.explain_file),
                                       ("plot", settings.plot), ("html", html)) if path is not None}
-    try:
-        return Explainer(tokenizer, table_sample=settings.explain_sample, top=settings.explain_top,
-                         table_stream=sys.stderr if settings.explain else None,
-                         jsonl_path=settings.explain_file, plot_path=settings.plot,
-                         plot_step=settings.plot_step, overwrite=settings.overwrite,
-                         html_path=html, run=run, outputs=outputs)
-    except FileExistsError:
-        raise SettingsError(f"--explain_file={settings.explain_file}: the file exists; choose "
-                            f"another path, or add --overwrite to replace it") from None
-    except OSError as e:
-        raise SettingsError(f"--explain_file={settings.explain_file}: cannot write it "
-                            f"({e.strerror})") from None
+    # Every path now has its OutputFile (which refused an existing file, or an unwritable
+    # directory, as a SettingsError): the Explainer writes through them and never opens a path.
+    return Explainer(tokenizer, table_sample=settings.explain_sample, top=settings.explain_top,
+                     table_stream=sys.stderr if settings.explain else None,
+                     jsonl_path=settings.explain_file, plot_path=settings.plot,
+                     plot_step=settings.plot_step, overwrite=settings.overwrite,
+                     html_path=html, run=run, outputs=outputs)
 
 
 # ---------------------------------------------------------------------------------------------

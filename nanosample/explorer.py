@@ -33,6 +33,8 @@ import os
 import sys
 from pathlib import Path
 
+from nanosample.cli import report_error
+
 PAGE_VERSION = 1
 ASSETS = Path(__file__).resolve().parent / "assets" / "explorer"
 
@@ -78,7 +80,7 @@ def page_data(records, run=None, max_candidates=None):
         row = dict(r, settings=settings.index(r["settings"]),
                    candidates=[[c[f] for f in CANDIDATE_FIELDS] for c in kept])
         rows.append([row[f] for f in RECORD_FIELDS])
-    run = dict(run or {})
+    run = run or {}
     return {
         "page_version": PAGE_VERSION,
         "run": {"prompt": run.get("prompt"), "seed": run.get("seed"), "model": run.get("model")},
@@ -183,11 +185,6 @@ them with --start and --seed to show them in the page's header (taken as given, 
 An existing PAGE.html is replaced only with --overwrite."""
 
 
-def _error(message):
-    print(f"error: {message}", file=sys.stderr)
-    return 2
-
-
 class _UsageError(ValueError):
     """A mistake on the command line: main prints it as the one `error:` line."""
 
@@ -201,7 +198,7 @@ def main(argv=None):
     try:
         trace, options = _parse_command_line(argv)
     except _UsageError as e:
-        return _error(str(e))
+        return report_error(str(e))
     return _trace_to_page(trace, options)
 
 
@@ -249,17 +246,15 @@ def _trace_to_page(trace, options):
         run = {"prompt": options["start"], "seed": options["seed"]}
         size = write_html(records, page, run, overwrite=options["overwrite"])
     except FileNotFoundError:
-        return _error(f"{trace}: no such file")
+        return report_error(f"{trace}: no such file")
     except IsADirectoryError:
-        return _error(f"{trace}: is a directory, not a trace file")
-    except TraceError as e:
-        return _error(f"{trace}: {e}")
-    except ValueError as e:  # two records for one step
-        return _error(f"{trace}: {e}")
+        return report_error(f"{trace}: is a directory, not a trace file")
+    except ValueError as e:  # a TraceError, or two records for one step
+        return report_error(f"{trace}: {e}")
     except FileExistsError:
-        return _error(f"--html={page}: the file appeared meanwhile; not replaced")
+        return report_error(f"--html={page}: the file appeared meanwhile; not replaced")
     except OSError as e:
-        return _error(f"{e.filename or trace}: cannot read or write it ({e.strerror})")
+        return report_error(f"{e.filename or trace}: cannot read or write it ({e.strerror})")
     print(f"wrote {page}: {len(records)} steps, {size / 1e6:.2f} MB", file=sys.stderr)
     return 0
 

@@ -6,22 +6,16 @@ while even for a tiny model (seconds with torch's compile cache warm, a minute o
 two busy cores): marked slow.
 """
 
-import os
-import subprocess
-import sys
-
 import pytest
 import torch
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+import conftest
+
 CHARS = list("abcdefghijklmnopqrstuvwxyz .,\n")
 
 
 def sample_py(*args):
-    env = dict(os.environ, PYTHONIOENCODING="utf-8", HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
-    p = subprocess.run([sys.executable, os.path.join(REPO, "sample.py"), *args], cwd=REPO,
-                       capture_output=True, text=True, encoding="utf-8", env=env, timeout=900)
-    return p.returncode, p.stdout, p.stderr
+    return conftest.sample_py(*args, timeout=900)  # compiling takes minutes on a busy machine
 
 
 @pytest.mark.slow

@@ -12,21 +12,18 @@ This file is also the command that makes the README's picture, by the same code 
 """
 
 import json
-import os
 import re
 import shutil
-import subprocess
 import sys
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
 
+from conftest import run_python
 from nanosample import explain, explorer
 from nanosample.generate import generate
 from nanosample.sampling import SamplingParams
-
-REPO = Path(__file__).resolve().parent.parent
 
 PARAMS = [SamplingParams(temperature=1.3, top_k=12, top_p=0.9),
           SamplingParams(temperature=0),
@@ -158,13 +155,6 @@ def test_browser_tests_say_why_they_skip(monkeypatch):
 
 # ---------------------------------------------------------------------------------------------
 # The two commands
-
-def run_python(*args):
-    env = dict(os.environ, PYTHONIOENCODING="utf-8", HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
-    p = subprocess.run([sys.executable, *args], cwd=REPO, capture_output=True, text=True,
-                       encoding="utf-8", env=env, timeout=300)
-    return p.returncode, p.stdout, p.stderr
-
 
 def test_explain_module_writes_the_page_of_a_jsonl_trace(records, tmp_path, capsys):
     trace = tmp_path / "trace.jsonl"

@@ -14,8 +14,6 @@ import math
 import os
 import pickle
 import re
-import subprocess
-import sys
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -24,6 +22,7 @@ import torch
 import torch.nn as nn
 from torch.nn import functional as F
 
+from conftest import sample_py  # with cwd= the checkout, as a nanoGPT user runs it
 from nanosample import explain, generate, loader, sampling
 from nanosample.model import GPT, GPTConfig
 from nanosample.settings import SampleSettings, SettingsError, read_settings
@@ -36,14 +35,6 @@ SEPARATOR = "---------------"
 CHARS = sorted(set("First Citizen:\nBefore we proceed any further, hear me speak.\n"
                    "All:\nSpeak, speak.\nROMEO:\n"))
 BLOCK = 16
-
-
-def sample_py(*args, cwd):
-    """Run sample.py as a user does; (exit code, stdout, stderr)."""
-    env = dict(os.environ, PYTHONIOENCODING="utf-8", HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
-    p = subprocess.run([sys.executable, str(REPO / "sample.py"), *args], cwd=cwd,
-                       capture_output=True, text=True, encoding="utf-8", env=env, timeout=300)
-    return p.returncode, p.stdout, p.stderr
 
 
 def tiny_model(vocab_size, seed):

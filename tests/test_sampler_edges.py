@@ -10,26 +10,16 @@
 
 import json
 import math
-import os
-import subprocess
-import sys
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import torch
 
+from conftest import sample_py
 from nanosample.sampling import BatchParams, SamplingParams, apply_temperature, sample_step
 from nanosample.settings import SampleSettings, SettingsError, parse_settings
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CHARS = list("abcdefgh")  # an 8-token model: every candidate fits in the trace
-
-
-def sample_py(*args):
-    env = dict(os.environ, PYTHONIOENCODING="utf-8", HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
-    p = subprocess.run([sys.executable, os.path.join(REPO, "sample.py"), *args], cwd=REPO,
-                       capture_output=True, text=True, encoding="utf-8", env=env, timeout=300)
-    return p.returncode, p.stdout, p.stderr
 
 
 @pytest.fixture(scope="module")
