@@ -53,9 +53,14 @@ SAMPLERS = {  # name -> (our SamplingParams fields, transformers' generate kwarg
     "top_k": (dict(temperature=0.8, top_k=200), dict(temperature=0.8, top_k=200)),
     "top_p": (dict(temperature=1.0, top_p=0.9), dict(temperature=1.0, top_k=0, top_p=0.9)),
 }
-SYSTEMS = ("ours", "hf", "nocache", "compiled")
+SYSTEMS = ("ours", "hf", "nocache", "compiled", "fp16", "bf16", "int8")
 SYSTEM_NAMES = {"ours": "ours (KV cache)", "hf": "transformers", "nocache": "no cache (floor)",
-                "compiled": "ours, compiled"}
+                "compiled": "ours, compiled", "fp16": "ours, fp16 weights",
+                "bf16": "ours, bf16 weights", "int8": "ours, int8 weights"}
+REDUCED = ("fp16", "bf16", "int8")  # ours with --quantize=<mode>: its own copy of the model
+FIDELITY_STEPS = 256  # greedy steps over which a reduced-precision model is compared with fp32
+FIDELITY_GOALS = {"fp16": 0.99, "bf16": 0.99, "int8": 0.97}  # greedy agreement, shipped model
+PEAKED_LN_F_SCALE = 8.0  # random GPT-2's logits times this: peaked rows, like a trained model's
 # The default run: (batch size, new tokens) pairs, each with both samplers.
 DEFAULT_PLAN = ((1, 128), (8, 128), (1, 512), (64, 128))
 FULL_PLAN = tuple((b, n) for b in (1, 8, 64) for n in (128, 512))
@@ -93,8 +98,10 @@ class BenchSettings:
     samplers: tuple[str, ...] = setting(("top_k", "top_p"),
         "top_k (temperature 0.8, top-k 200) and/or top_p (temperature 1, top-p 0.9)")
     systems: tuple[str, ...] = setting(SYSTEMS[:3],
-        "which of ours, hf (transformers), nocache, compiled to run (compiled: ours under "
-        "torch.compile, its compile time and tokens/s beside eager's; not run by default)")
+        "which of ours, hf (transformers), nocache, compiled, fp16, bf16, int8 to run "
+        "(compiled: ours under torch.compile, its compile time and tokens/s beside eager's; "
+        "fp16/bf16/int8: ours with --quantize=<mode>, with their fidelity to fp32 measured "
+        "on the shipped model and on the benchmarked model; none of these four run by default)")
     repeats: int = setting(3, "timed runs per system and setting (medians are reported)")
     seconds_per_setting: float = setting(120.0,
         "start no repeat of a setting that would end after this many seconds of it (the "
@@ -121,7 +128,7 @@ class BenchSettings:
                 raise ValueError(f"samplers={name}: must be top_k or top_p")
         for name in self.systems:
             if name not in SYSTEMS:
-                raise ValueError(f"systems={name}: must be ours, hf, nocache or compiled")
+                raise ValueError(f"systems={name}: must be one of {', '.join(SYSTEMS)}")
         for name in ("batch_sizes", "new_tokens"):
             values = getattr(self, name)
             if values is not None and (not values or min(values) < 1):
@@ -292,6 +299,93 @@ def run_nocache(model, tokenizer, prompt, sampler, batch, new_tokens, seed):
 
 
 # ---------------------------------------------------------------------------------------------
+# Fidelity of the reduced-precision products (--quantize): how far from float32 they draw
+
+def greedy_fidelity(reference, reduced, prompt, steps=FIDELITY_STEPS):
+    """The two models side by side along the float32 model's greedy path from `prompt`.
+
+    At each of `steps` positions both models see the same tokens (the reference's greedy
+    choices). Returns: `agreement`, the share of positions where the reduced model's most
+    probable token is the reference's; `kl`, the mean KL(reference || reduced) of the
+    next-token distributions (temperature 1, nats); `identical_tokens`, how many tokens the
+    two models' own greedy texts share before they first differ (the first disagreement);
+    `top1_prob`, the reference's mean top probability (how peaked its rows are).
+    """
+    import torch
+    from nanosample.model import KVCache
+
+    assert len(prompt) + steps - 1 <= reference.config.block_size
+    caches = [KVCache(m.config, 1, max_len=len(prompt) + steps - 1) for m in (reference, reduced)]
+    ids = torch.tensor([prompt])                                             # (1, T)
+    agree, kl, top1, first_disagreement = 0, 0.0, 0.0, None
+    with torch.no_grad():
+        logits = [m(ids, cache=c, last_only=True)[0, -1] for m, c in zip((reference, reduced), caches)]
+        for step in range(steps):
+            ref_logp, red_logp = (torch.log_softmax(x.double(), dim=-1) for x in logits)  # (V,)
+            token = int(ref_logp.argmax())
+            if int(red_logp.argmax()) == token:
+                agree += 1
+            elif first_disagreement is None:
+                first_disagreement = step
+            kl += float((ref_logp.exp() * (ref_logp - red_logp)).sum())
+            top1 += float(ref_logp.max().exp())
+            if step < steps - 1:
+                fed = torch.tensor([[token]])                                # (1, 1)
+                logits = [m(fed, cache=c, last_only=True)[0, -1]
+                          for m, c in zip((reference, reduced), caches)]
+    return {"agreement": agree / steps, "kl": kl / steps, "top1_prob": top1 / steps,
+            "identical_tokens": steps if first_disagreement is None else first_disagreement}
+
+
+def fidelity_report(modes, directory, peaked, steps=FIDELITY_STEPS):
+    """greedy_fidelity of each mode against float32, averaged over a few prompts, on the
+    shipped model and on the benchmarked one (`peaked`: its final LayerNorm scaled by
+    PEAKED_LN_F_SCALE, for random weights, whose own rows are near-flat)."""
+    import torch
+    from nanosample.loader import load_model
+    from nanosample.quantize import quantize
+
+    def load(path, mode):
+        model = load_model(str(path)).model
+        if peaked and path == directory:
+            ln_f = model.transformer.ln_f
+            ln_f.weight = torch.nn.Parameter(ln_f.weight * PEAKED_LN_F_SCALE)  # a copy: the
+            # loaded weight may be a view of the file
+        return quantize(model, mode) if mode != "none" else model
+
+    report = {}
+    for name, path in (("shipped", ROOT / "checkpoints" / "shakespeare_char"),
+                       ("benchmarked", directory)):
+        reference = load(path, "none")
+        tokenizer = load_model(str(path)).tokenizer
+        n = tokenizer.n_vocab
+        # several prompts, each short enough that prompt + FIDELITY_STEPS fits the context
+        length = 1 if reference.config.block_size < steps + 15 else 16
+        prompts = [[(7 * i + 464 + 1000 * p) % n for i in range(length)] for p in range(4)]
+        if length == 1:  # a character model: a newline and three capitals start a line
+            prompts = [tokenizer.encode(c) for c in ("\n", "R", "T", "W")]
+        report[name] = {}
+        for mode in modes:
+            reduced = load(path, mode)
+            runs = [greedy_fidelity(reference, reduced, p, steps) for p in prompts]
+            report[name][mode] = {k: statistics.mean(r[k] for r in runs) for k in runs[0]}
+            report[name][mode]["prompts"] = len(prompts)
+    return report
+
+
+def print_fidelity(fidelity, peaked, steps=FIDELITY_STEPS):
+    print(f"\nreduced precision against float32, greedy, {steps} tokens, mean of 4 prompts")
+    for name, modes in fidelity.items():
+        what = (f"GPT-2 124M shape, random weights, final LayerNorm x{PEAKED_LN_F_SCALE:g} (peaked)"
+                if name == "benchmarked" and peaked else name)
+        print(f"  {name} model ({what})")
+        for mode, f in modes.items():
+            print(f"    {mode}: same top token {100 * f['agreement']:.1f}%, mean KL "
+                  f"{f['kl']:.2e} nats, identical greedy text for {f['identical_tokens']:.0f} "
+                  f"tokens (fp32's mean top probability {f['top1_prob']:.2f})")
+
+
+# ---------------------------------------------------------------------------------------------
 # Cold start and peak memory: one fresh process per measurement
 
 def cold_child(which, directory, threads, new_tokens):
@@ -458,11 +552,15 @@ def _main(argv):
     bench.warm_up()
     results = [bench.time_setting(batch, new_tokens, sampler)
                for batch, new_tokens in s.plan() for sampler in s.samplers]
+    fidelity = {}
+    if bench.reduced:
+        fidelity = fidelity_report(list(bench.reduced), directory, peaked=s.init_from is None)
+        print_fidelity(fidelity, peaked=s.init_from is None)
     cold = _cold_starts(s, bench.systems, directory)
     report["load_average_start_end"] = [report.pop("load_at_start"), os.getloadavg()]
     report.update(prompt_tokens=s.prompt_tokens, settings=asdict(s), results=results, cold=cold,
-                  compile_s=bench.compile_s)
-    report["targets"] = check_targets(results, cold)
+                  compile_s=bench.compile_s, fidelity=fidelity)
+    report["targets"] = check_targets(results, cold, fidelity)
     report["seconds"] = time.perf_counter() - t_start
     print_summary(report)
     print(json.dumps(report, default=_json_default))
@@ -510,6 +608,8 @@ class _Systems:
     def __init__(self, s, loaded, directory):
         import torch
         import transformers
+        from nanosample.loader import load_model
+        from nanosample.quantize import check_available
 
         self.s, self.loaded, self.model, self.tokenizer = s, loaded, loaded.model, loaded.tokenizer
         self.systems, self.hf_model = list(s.systems), None
@@ -520,6 +620,15 @@ class _Systems:
                 print(f"note: {directory} is not a Hugging Face GPT-2 folder; transformers skipped")
                 self.systems.remove("hf")
         self.compiled = torch.compile(self.model) if "compiled" in self.systems else None
+        self.reduced = {}  # mode -> ours with --quantize=mode, loaded from the same files
+        for mode in REDUCED:
+            if mode in self.systems:
+                why_not = check_available(mode)
+                if why_not:
+                    print(f"note: {mode} weights skipped: {why_not}")
+                    self.systems.remove(mode)
+                else:
+                    self.reduced[mode] = load_model(str(directory), quantize=mode).model
         self.compile_s = {}
         self.prompt = [(7 * i + 464) % self.tokenizer.n_vocab for i in range(s.prompt_tokens)]
         if s.prompt_tokens + max(n for _, n in s.plan()) > self.model.config.block_size:
@@ -537,6 +646,8 @@ class _Systems:
                 return run_hf(self.hf_model, *args)
             if system == "compiled":
                 return run_ours(self.compiled, self.tokenizer, *args)
+            if system in self.reduced:
+                return run_ours(self.reduced[system], self.tokenizer, *args)
             return run_nocache(self.model, self.tokenizer, *args)
 
     def runs_here(self, system, batch, new_tokens):
@@ -583,7 +694,8 @@ class _Systems:
 
 
 def _add_ratios(systems):
-    """Each system's tokens/s against transformers' and the compiled model's against eager's."""
+    """Each system's tokens/s against transformers', the compiled model's against eager's and
+    each reduced-precision model's against float32's (ours)."""
     if "hf" in systems:
         hf = systems["hf"]
         for m in systems.values():
@@ -593,6 +705,11 @@ def _add_ratios(systems):
         eager, m = systems["ours"], systems["compiled"]
         m["vs_eager"] = m["tokens_per_s"] / eager["tokens_per_s"]
         m["decode_vs_eager"] = m["decode_tokens_per_s"] / eager["decode_tokens_per_s"]
+    for mode in REDUCED:
+        if mode in systems and "ours" in systems:
+            fp32, m = systems["ours"], systems[mode]
+            m["vs_fp32"] = m["tokens_per_s"] / fp32["tokens_per_s"]
+            m["decode_vs_fp32"] = m["decode_tokens_per_s"] / fp32["decode_tokens_per_s"]
 
 
 def _cold_starts(s, systems, directory):
@@ -631,6 +748,11 @@ def print_setting(row):
     if "vs_eager" in compiled:
         print(f"  compiled vs eager: {compiled['vs_eager']:.2f}x tokens/s, "
               f"{compiled['decode_vs_eager']:.2f}x decode tokens/s")
+    for mode in REDUCED:
+        m = row["systems"].get(mode, {})
+        if "vs_fp32" in m:
+            print(f"  {mode} weights vs float32: {m['vs_fp32']:.2f}x tokens/s, "
+                  f"{m['decode_vs_fp32']:.2f}x decode tokens/s")
     ours = row["systems"].get("ours", {})
     if "late_vs_early_rate" in ours:
         print(f"  ours: decode tokens/s over all {row['new_tokens']} tokens = "
@@ -646,7 +768,7 @@ def _ratio(m, key):
     return f"{m[key]:.2f}x" if key in m else "-"
 
 
-def check_targets(results, cold):
+def check_targets(results, cold, fidelity=None):
     """The speed targets, each {"target", "value", "met"} (value None where not measured)."""
     targets = []
 
@@ -672,6 +794,9 @@ def check_targets(results, cold):
         if "late_vs_early_rate" in ours:
             add(f"{r['new_tokens']}-token decode tokens/s vs its first {EARLY_STEPS} tokens, "
                 f"batch {r['batch']}, {r['sampler']}", ours["late_vs_early_rate"], 0.95)
+    for mode, f in (fidelity or {}).get("shipped", {}).items():
+        add(f"greedy agreement with fp32 over {FIDELITY_STEPS} tokens, shipped model, {mode}",
+            f["agreement"], FIDELITY_GOALS[mode])
     if "ours" in cold and "hf" in cold:
         add("cold start to first token vs transformers",
             cold["ours"]["first_token_s"] / cold["hf"]["first_token_s"], 0.5, "lower")

@@ -44,7 +44,7 @@ import sys
 import time
 
 from nanosample import cli
-from nanosample.device import resolve_device
+from nanosample.device import check_quantize, resolve_device
 from nanosample.settings import HelpRequested, SampleSettings, SettingsError, read_settings
 
 SEPARATOR = "---------------"
@@ -91,8 +91,9 @@ def load_and_run(parsed, init_from, prompt, prompt_flag, outputs, explain):
 
     try:
         device, dtype = resolve_device(settings.device, settings.dtype)
+        check_quantize(settings.quantize, device, dtype)
         loaded = loader.load_model(init_from, out_dir=settings.out_dir,
-                                   device=device, dtype=dtype)
+                                   device=device, dtype=dtype, quantize=settings.quantize)
         prompt_ids = encode_prompt(prompt, prompt_flag, loaded.tokenizer,
                                    loaded.model.config.block_size)
         params = sampler_params_for(settings, loaded.tokenizer)
@@ -174,7 +175,7 @@ def note_ignored(ignored):
 def describe_loaded(loaded):
     """The one stderr line naming what was loaded: source, size, vocabulary, context, dtype, device."""
     model, tokenizer = loaded.model, loaded.tokenizer
-    n = model.num_params()
+    n = loaded.info.get("parameters", model.num_params())
     size = f"{n / 1e9:.2f}B" if n >= 1e9 else f"{n / 1e6:.2f}M" if n >= 1e6 else f"{n:,}"
     vocab = f"vocabulary {tokenizer.n_vocab}"
     if model.config.vocab_size != tokenizer.n_vocab:
@@ -183,6 +184,8 @@ def describe_loaded(loaded):
         vocab += f" from {loaded.info['meta_pkl']}"
     weight = model.transformer.wte.weight
     dtype = str(weight.dtype).removeprefix("torch.")
+    if "quantize" in loaded.info:
+        dtype += f" ({loaded.info['quantize']} weights in the matrix products)"
     return (f"loaded {loaded.source}: {size} parameters, {vocab}, block_size "
             f"{model.config.block_size}, {dtype} on {weight.device}")
 

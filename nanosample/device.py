@@ -25,3 +25,23 @@ def resolve_device(device, dtype):
         on_gpu = device.startswith("cuda")
         dtype = "bfloat16" if on_gpu and torch.cuda.is_bf16_supported() else "float32"
     return device, dtype
+
+
+def check_quantize(quantize, device, dtype):
+    """--quantize against the resolved --device and --dtype: the reduced-precision products
+    are CPU kernels that take a float32 model. A SettingsError says what to do instead."""
+    if quantize == "none":
+        return
+    from nanosample.quantize import check_available
+
+    if device != "cpu":
+        raise SettingsError(f"--quantize={quantize}: the reduced-precision products run on the "
+                            f"CPU only, and this run's device is {device}; on a GPU use "
+                            f"--dtype=bfloat16 (or float16) instead")
+    if dtype != "float32":
+        raise SettingsError(f"--quantize={quantize}: needs --dtype=float32 (or auto), not "
+                            f"{dtype}: the products' weights are made {quantize} from float32 "
+                            f"and everything else stays float32")
+    why_not = check_available(quantize)
+    if why_not:
+        raise SettingsError(f"--quantize={quantize}: not available here: {why_not}")

@@ -58,6 +58,7 @@ from pathlib import Path
 import torch
 
 from nanosample.cpu_kernels import use_cpu_kernels
+from nanosample.quantize import quantize as quantize_model
 from nanosample.model import GPT, GPTConfig
 from nanosample.tokenizer import CharTokenizer, TokenizerError, gpt2_tokenizer, tokenizer_from_config
 
@@ -102,8 +103,13 @@ class Loaded:
 
 # ----------------------------------------------------------------------------- entry point
 
-def load_model(init_from, *, out_dir="out", device="cpu", dtype=torch.float32):
-    """Load the model and tokenizer `init_from` names, in eval mode, on `device` in `dtype`."""
+def load_model(init_from, *, out_dir="out", device="cpu", dtype=torch.float32, quantize="none"):
+    """Load the model and tokenizer `init_from` names, in eval mode, on `device` in `dtype`.
+
+    `quantize` ("none", "fp16", "bf16", "int8"; a float32 model on the CPU only): the matrix
+    products' weights in fewer bits (quantize.py). The parameter count is kept in
+    `info["parameters"]`, since the packed weights are no longer parameters.
+    """
     dtype = _resolve_dtype(dtype)
     device = _resolve_device(device)
     init_from = str(init_from)
@@ -120,7 +126,12 @@ def load_model(init_from, *, out_dir="out", device="cpu", dtype=torch.float32):
     else:
         loaded = _load_path(_resolve_path(init_from), device, dtype)
     loaded.model.eval()
-    use_cpu_kernels(loaded.model)  # CPU fp32 inference: oneDNN's batch-invariant products
+    loaded.info["parameters"] = loaded.model.num_params()
+    if quantize == "none":
+        use_cpu_kernels(loaded.model)  # CPU fp32 inference: oneDNN's batch-invariant products
+    else:
+        quantize_model(loaded.model, quantize)
+        loaded.info["quantize"] = quantize
     return loaded
 
 

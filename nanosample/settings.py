@@ -487,6 +487,7 @@ def settings_help(cls, *, prog, description=""):
 
 DEVICE_PATTERN = re.compile(r"auto|cpu|mps|cuda(:\d+)?")
 _DTYPES = ("auto", "float32", "bfloat16", "float16")
+QUANTIZE_MODES = ("none", "fp16", "bf16", "int8")  # quantize.MODES, without importing torch here
 _PLOT_SUFFIXES = (".png", ".svg", ".pdf")
 
 
@@ -539,6 +540,11 @@ class SampleSettings:
                                   "else cpu")
     dtype: str = setting("auto", "float32, bfloat16 or float16; auto = bfloat16 on a GPU that "
                                  "supports it, else float32")
+    quantize: str = setting("none", "CPU only: the matrix products' weights in fewer bits, "
+                                    "faster, a little less exact (docs/speed.md has the "
+                                    "figures): fp16, bf16 (fast only on CPUs with AVX-512 "
+                                    "BF16 or AMX) or int8 (8-bit inputs too); none = float32. "
+                                    "Sample i may then change with --batch_size")
     compile: bool = setting(False, "torch.compile the model. On the CPU it makes these models "
                                    "slower: compiling takes minutes, and compiled GPT-2 decodes at "
                                    "0.2-0.5x eager's speed (bench.py --systems=ours,compiled). Its "
@@ -575,6 +581,11 @@ class SampleSettings:
               "must be auto, cpu, cuda, cuda:N or mps")
         check(self.dtype in _DTYPES, "dtype", self.dtype,
               "must be auto, float32, bfloat16 or float16")
+        check(self.quantize in QUANTIZE_MODES, "quantize", self.quantize,
+              f"must be {', '.join(QUANTIZE_MODES[:-1])} or {QUANTIZE_MODES[-1]}")
+        check(self.quantize == "none" or not self.compile, "quantize", self.quantize,
+              "cannot be combined with --compile (torch.compile does not trace the packed "
+              "reduced-precision weights); use one or the other")
         check(self.draw in ("inverse_cdf", "multinomial"), "draw", self.draw,
               "must be inverse_cdf or multinomial")
         check(self.context in ("half", "crop"), "context", self.context, "must be half or crop")
