@@ -190,3 +190,61 @@ def test_sample_py_refuses_a_cuda_graph_on_the_cpu(tmp_path):
     assert len(err.strip().splitlines()) == 1
     code, out, err = conftest.sample_py(str(config), "--device=cpu", "--max_new_tokens=3")
     assert code == 2 and err.startswith(f"error: {config}: cuda_graph=true: CUDA graphs need")
+
+
+# ---------------------------------------------------------------------------------------------
+# bench_gpu.py, the GPU check: what can be checked without a GPU
+
+def test_bench_gpu_judges_differences():
+    import bench_gpu
+
+    mask = torch.tensor([[False, False, True, True], [False, True, False, False],
+                         [False, False, False, False]])
+    assert bench_gpu._first(mask) == (1, 1)
+    assert bench_gpu._first(mask[[0, 2]]) == (0, 2)
+    row = {"graph_equals_static_tokens": True, "graph_vs_static": 0.0, "graph_vs_eager": 0.01}
+    bench_gpu._judge(row, "bfloat16", 8)  # no difference in the tokens: passes
+    near_tie = dict(row, first_difference={"row": 3, "step": 40, "eager_top2_gap": 0.03})
+    bench_gpu._judge(near_tie, "bfloat16", 8)  # bfloat16 rounding can bridge 0.03: reported
+    with pytest.raises(bench_gpu.CheckFailed, match="step 40 of row 3"):
+        bench_gpu._judge(dict(near_tie, graph_vs_eager=1e-6), "float32", 8)  # float32's cannot
+    with pytest.raises(bench_gpu.CheckFailed, match="step 40 of row 3"):
+        bench_gpu._judge(dict(near_tie, first_difference={"row": 3, "step": 40,
+                                                          "eager_top2_gap": 1.5}), "bfloat16", 8)
+    with pytest.raises(bench_gpu.CheckFailed, match="not the uncaptured static step's"):
+        bench_gpu._judge(dict(row, graph_equals_static_tokens=False), "bfloat16", 8)
+    with pytest.raises(bench_gpu.CheckFailed, match="differ from eager's by 2"):
+        bench_gpu._judge(dict(row, graph_vs_eager=2.0), "bfloat16", 8)
+
+
+def test_bench_gpu_without_cuda_says_so():
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    code, out, err = conftest.run_python("bench_gpu.py")
+    assert code == 2 and out == ""
+    assert err.startswith("error: --device=cuda: CUDA is not available here")
+    assert "--dry_run" in err
+    code, out, err = conftest.run_python("bench_gpu.py", "--device=cpu")
+    assert code == 2 and err.startswith("error: --device=cpu: must be cuda or cuda:N")
+
+
+@pytest.mark.slow
+def test_bench_gpu_dry_run(tmp_path):
+    """Every path of the GPU check but the capture, on a tiny model on the CPU (a minute or
+    two on a busy machine)."""
+    import json
+
+    code, out, err = conftest.run_python("bench_gpu.py", "--dry_run",
+                                         f"--out={tmp_path / 'gpu.json'}", timeout=600)
+    assert code == 0, err[-3000:]
+    report = json.loads(out.strip().splitlines()[-1])
+    assert report == json.loads((tmp_path / "gpu.json").read_text())
+    assert report["ok"] and report["dry_run"]
+    assert report["recompute"] == {"greedy": True, "sampled": True}
+    for batch in ("1", "4"):
+        row = report["correctness"]["float32"][batch]
+        assert row["graph_equals_static_bitwise"] and row["rows_identical_to_eager"] == int(batch)
+        assert row["graph_vs_eager"] < 1e-5
+    assert [(r["batch"], r["sampler"]) for r in report["speed"]] == \
+        [(1, "greedy"), (1, "top_k"), (4, "greedy"), (4, "top_k")]
+    assert all(r["systems"]["hf"]["tokens_per_s"] > 0 for r in report["speed"])
