@@ -118,9 +118,10 @@ class StaticDecoder:
         if not self.capture:
             logits = self._step()
         else:
-            if self.graph is None:
-                self._capture()
-            self.graph.replay()
+            with torch.cuda.device(self.cache.k.device):  # the cache's GPU, maybe not current
+                if self.graph is None:
+                    self._capture()
+                self.graph.replay()
             # a copy: the next replay overwrites the buffer, and a trace may keep this step's
             logits = self.logits.clone()
         cache.pos += 1
@@ -133,7 +134,7 @@ class StaticDecoder:
         """Warm up on a side stream, then capture one step (torch.cuda.graphs' recipe). The
         warm-up steps write this step's own keys and values at this step's position, the
         same values the first replay writes again."""
-        side = torch.cuda.Stream(device=self.cache.k.device)
+        side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side):
             for _ in range(WARMUP_STEPS):
