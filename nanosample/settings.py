@@ -548,8 +548,9 @@ class SampleSettings:
     cuda_graph: bool | None = setting(None,
         "replay each decode step from a CUDA graph (the prompt and the recomputation past "
         "block_size stay eager); None = on a CUDA device for batches of up to 64 with "
-        "--context=half and without --compile, else off; true needs a CUDA device. Greedy "
-        "text is eager's up to rounding (docs/speed.md)")
+        "--context=half and without --compile, else off; true = every batch, and needs a CUDA "
+        "device. Its logits are eager's up to rounding, so a near tie may pick another token "
+        "(docs/speed.md)")
     # explain mode: how each token was drawn
     explain: bool = setting(False, "print each sampling decision of one sample as a table on stderr")
     explain_sample: int = setting(0, "which sample --explain shows (0 .. num_samples-1)")
@@ -584,10 +585,10 @@ class SampleSettings:
               "must be inverse_cdf or multinomial")
         check(self.context in ("half", "crop"), "context", self.context, "must be half or crop")
         if self.cuda_graph:  # whether the device has CUDA is known once it is resolved (sample.py)
-            check(not self.compile, "cuda_graph", True,
-                  "cannot be combined with --compile (torch.compile makes its own graphs); "
-                  "choose one")
-            check(self.context == "half", "cuda_graph", True,
+            check(not self.compile, "cuda_graph", "true",
+                  "cannot be combined with --compile (the graph would run the model's modules "
+                  "uncompiled); choose one")
+            check(self.context == "half", "cuda_graph", "true",
                   "needs --context=half (crop is there to print nanoGPT's own text, and the "
                   "graph's attention rounds differently from eager's)")
         if self.draw == "multinomial":

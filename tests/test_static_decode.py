@@ -169,10 +169,10 @@ def test_cuda_graph_setting():
     assert SampleSettings().cuda_graph is None
     assert parse_settings(SampleSettings, ["--cuda_graph=false"]).cuda_graph is False
     assert parse_settings(SampleSettings, ["--cuda_graph"]).cuda_graph is True
-    with pytest.raises(SettingsError, match=r"^--cuda_graph=True: cannot be combined with "
+    with pytest.raises(SettingsError, match=r"^--cuda_graph=true: cannot be combined with "
                                             r"--compile"):
         parse_settings(SampleSettings, ["--cuda_graph=true", "--compile"])
-    with pytest.raises(SettingsError, match=r"^--cuda_graph=True: needs --context=half"):
+    with pytest.raises(SettingsError, match=r"^--cuda_graph=true: needs --context=half"):
         parse_settings(SampleSettings, ["--cuda_graph=true", "--context=crop"])
     # asked for off, or left to auto, it combines with anything
     assert parse_settings(SampleSettings, ["--cuda_graph=false", "--compile"]).compile
