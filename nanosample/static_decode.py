@@ -3,7 +3,7 @@
 `model.py`'s decode step is the readable one: the new token's keys and values go into the
 KVCache at `cache.pos` (a Python int), and attention reads the keys `[:pos + 1]`, so a tensor
 changes shape at every step. That is fine for eager PyTorch, but a CUDA graph replays fixed
-kernels on fixed addresses and shapes. On a GPU, a GPT-2 124M decode step is some 250 small
+kernels on fixed addresses and shapes. On a GPU, a GPT-2 124M decode step is some 200 small
 kernel launches, and launching them from Python costs more than running them; a graph
 launches them all at once.
 
