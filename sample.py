@@ -92,6 +92,7 @@ def load_and_run(parsed, init_from, prompt, prompt_flag, outputs, explain):
     try:
         device, dtype = resolve_device(settings.device, settings.dtype)
         check_quantize(settings.quantize, device, dtype)
+        check_cuda_graph(parsed, device)
         loaded = loader.load_model(init_from, out_dir=settings.out_dir,
                                    device=device, dtype=dtype, quantize=settings.quantize)
         prompt_ids = encode_prompt(prompt, prompt_flag, loaded.tokenizer,
@@ -163,6 +164,17 @@ def model_to_load(parsed):
         raise SettingsError(f"{where}: no ckpt.pt in it; out_dir is the folder where nanoGPT's "
                             f"train.py saved ckpt.pt")
     return init_from
+
+
+def check_cuda_graph(parsed, device):
+    """--cuda_graph=true on a device without CUDA is an error naming where it was set (auto
+    is off there)."""
+    if parsed.settings.cuda_graph and not device.startswith("cuda"):
+        where = parsed.sources.get("cuda_graph", "--cuda_graph")
+        where = "--cuda_graph=true" if where.startswith("--") else f"{where}: cuda_graph=true"
+        raise SettingsError(f"{where}: CUDA graphs need a CUDA device, and this run is on "
+                            f"{device} (--device={parsed.settings.device}); leave it unset "
+                            f"(None: on wherever CUDA is)")
 
 
 def note_ignored(ignored):
@@ -369,7 +381,8 @@ def run(settings, model, tokenizer, prompt, prompt_ids, params, trace, batch_siz
         model, tokenizer, prompt_ids, params, num_samples=n, max_new_tokens=max_new,
         seed=settings.seed, batch_size=batch_size or settings.batch_size, stop=settings.stop,
         stop_at_eot=settings.stop_at_eot, trace=trace, draw=settings.draw,
-        context=settings.context)
+        context=settings.context,
+        decode_step={None: "auto", True: "graph", False: "eager"}[settings.cuda_graph])
     try:
         for piece in pieces:
             if piece.token is not None:

@@ -6,7 +6,9 @@ samples (with a cap), one random generator per sample, the penalty bookkeeping, 
 sample outgrows the model's context. The per-step decision itself is `sampling.sample_step`.
 A batch of samples is `_prefill` (the prompt, computed once), then at each step a draw,
 `_emit` (the step's tokens as Pieces: `<|endoftext|>`, stop strings, length) and `_advance`
-(the tokens fed back, by the context rule below).
+(the tokens fed back, by the context rule below). On CUDA the cached decode step is replayed
+from a CUDA graph (`static_decode.py`, `decode_step`); the prefill and the context rule's
+recomputations stay eager.
 
 Past the context: GPT-2's positions are absolute, so a full cache cannot slide one token. When
 the context is full and another token must be fed, the model keeps the last `block_size // 2`
@@ -28,6 +30,7 @@ import torch
 
 from nanosample.model import KVCache
 from nanosample.sampling import BatchParams, SamplingParams, multinomial_step, sample_step
+from nanosample.static_decode import StaticDecoder, choose_decode_step
 
 
 @dataclass
@@ -176,7 +179,8 @@ class TextStream:
 
 def generate(model, tokenizer, prompt_ids, params, *, num_samples=1, max_new_tokens=100,
              seed=1337, batch_size=None, stop=(), stop_at_eot=True, trace=None,
-             first_sample=0, draw="inverse_cdf", context="half", sampler=sample_step):
+             first_sample=0, draw="inverse_cdf", context="half", sampler=sample_step,
+             decode_step="auto"):
     """Generate `num_samples` continuations of `prompt_ids`, yielding `Piece`s as they come.
 
     `params` is one `SamplingParams` for every sample or a list with one per sample. Samples
@@ -187,6 +191,8 @@ def generate(model, tokenizer, prompt_ids, params, *, num_samples=1, max_new_tok
     after another from one stream (temperature and top-k only). `context`: "half" or
     "crop", what happens past block_size (see the top of this file). `sampler`: the function
     that chooses each step's tokens (`sampling.sample_step`; bench.py passes a timed one).
+    `decode_step`: "auto", "eager", "static" or "graph", which decode step each batch runs
+    (`static_decode.choose_decode_step`; "auto" = a CUDA graph on CUDA where it applies).
     """
     if isinstance(params, SamplingParams):
         params = [params] * num_samples
@@ -210,7 +216,7 @@ def generate(model, tokenizer, prompt_ids, params, *, num_samples=1, max_new_tok
             model, tokenizer, prompt_ids, [params[i] for i in indices],
             [first_sample + i for i in indices], max_new_tokens=max_new_tokens, seed=seed,
             stop=stop, stop_at_eot=stop_at_eot, trace=trace, stream=stream, sampler=sampler,
-            context=context)
+            context=context, decode_step=decode_step)
 
 
 @dataclass
@@ -226,11 +232,12 @@ class _Batch:
     start: int = 0          # where the model's context begins in each sequence
     seen: torch.Tensor | None = None    # (B, V) bool, the tokens so far; only with penalties
     counts: torch.Tensor | None = None  # (B, V) how often each token was generated; likewise
+    decoder: StaticDecoder | None = None  # the fixed-shape decode step, where it runs
 
 
 @torch.no_grad()
 def _generate_batch(model, tokenizer, prompt_ids, params, samples, *, max_new_tokens, seed,
-                    stop, stop_at_eot, trace, stream, context, sampler):
+                    stop, stop_at_eot, trace, stream, context, sampler, decode_step):
     """One batch of samples, yielding Pieces: prefill, then each step draw, emit, advance.
 
     `stream`: the run's one random stream for nanoGPT's draw, or None for the inverse-CDF
@@ -242,6 +249,9 @@ def _generate_batch(model, tokenizer, prompt_ids, params, samples, *, max_new_to
         return
     batch, logits = _prefill(model, tokenizer, prompt_ids, params, samples, seed=seed,
                              stop=stop, max_new_tokens=max_new_tokens)
+    chosen = choose_decode_step(model, len(samples), context, decode_step)
+    if chosen != "eager":  # the graph reads and writes the cache the prefill filled
+        batch.decoder = StaticDecoder(model, batch.cache, capture=chosen == "graph")
     eot = tokenizer.eot_id if stop_at_eot else None
     for step in range(max_new_tokens):
         result = _draw(logits, batch, stream, tokenizer.n_vocab, sampler,
@@ -343,6 +353,8 @@ def _advance(model, batch, fed, tokens, context):
         # The context is full: compute the kept tail again as a fresh prompt.
         batch.start = new_start
         return _recompute(model, batch, [s[new_start:] for s in batch.sequences])
+    if batch.decoder is not None:
+        return batch.decoder(fed)  # the same step with fixed shapes, maybe a CUDA graph
     return model(fed, cache=batch.cache, last_only=True)[:, -1]  # (B, V)
 
 

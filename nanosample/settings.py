@@ -551,6 +551,12 @@ class SampleSettings:
                                    "products round differently: greedy text matched eager's in "
                                    "our tests, but sample i may change with --batch_size "
                                    "(docs/speed.md)")
+    cuda_graph: bool | None = setting(None,
+        "replay each decode step from a CUDA graph (the prompt and the recomputation past "
+        "block_size stay eager); None = on a CUDA device for batches of up to 64 with "
+        "--context=half and without --compile, else off; true = every batch, and needs a CUDA "
+        "device. Its logits are eager's up to rounding, so a near tie may pick another token "
+        "(docs/speed.md)")
     # explain mode: how each token was drawn
     explain: bool = setting(False, "print each sampling decision of one sample as a table on stderr")
     explain_sample: int = setting(0, "which sample --explain shows (0 .. num_samples-1)")
@@ -589,6 +595,13 @@ class SampleSettings:
         check(self.draw in ("inverse_cdf", "multinomial"), "draw", self.draw,
               "must be inverse_cdf or multinomial")
         check(self.context in ("half", "crop"), "context", self.context, "must be half or crop")
+        if self.cuda_graph:  # whether the device has CUDA is known once it is resolved (sample.py)
+            check(not self.compile, "cuda_graph", "true",
+                  "cannot be combined with --compile (the graph would run the model's modules "
+                  "uncompiled); choose one")
+            check(self.context == "half", "cuda_graph", "true",
+                  "needs --context=half (crop is there to print nanoGPT's own text, and the "
+                  "graph's attention rounds differently from eager's)")
         if self.draw == "multinomial":
             # nanoGPT's sampler has temperature and top-k only; the others have no place in it
             for name, off in (("top_p", 1.0), ("min_p", 0.0), ("repetition_penalty", 1.0),
