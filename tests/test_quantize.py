@@ -25,8 +25,8 @@ pytestmark = pytest.mark.skipif(any(q.check_available(m) for m in REDUCED),
                                 reason="this torch has no FBGEMM kernels (not an x86 build)")
 
 # Largest error of a product against float64, relative to the output's RMS, with margin: fp16
-# rounds weights to 11 significant bits, bf16 weights and inputs to 8, int8 weights to 255
-# levels per row and inputs to 128 levels per call (measured ~0.0005, ~0.01, ~0.05).
+# rounds weights to 11 significant bits, bf16 weights and inputs to 8, int8 weights to 127
+# levels per row and inputs to 256 levels per call (measured ~0.0005, ~0.01, ~0.05).
 RELATIVE_ERROR = {"fp16": 0.005, "bf16": 0.05, "int8": 0.25}
 
 
