@@ -539,6 +539,11 @@ class SampleSettings:
                                   "else cpu")
     dtype: str = setting("auto", "float32, bfloat16 or float16; auto = bfloat16 on a GPU that "
                                  "supports it, else float32")
+    threads: int | None = setting(None,
+        "CPU threads for torch; None = automatic: as many as the model has work for (one per "
+        "32M parameters x rows: the shipped model gets 1, GPT-2 124M up to 3), no more than "
+        "the cores other processes leave free, looked at again every 2 s. OMP_NUM_THREADS, when "
+        "set, is kept. The stderr line after loading says which count ran (docs/speed.md)")
     compile: bool = setting(False, "torch.compile the model. On the CPU it makes these models "
                                    "slower: compiling takes minutes, and compiled GPT-2 decodes at "
                                    "0.2-0.5x eager's speed (bench.py --systems=ours,compiled). Its "
@@ -575,6 +580,8 @@ class SampleSettings:
               "must be auto, cpu, cuda, cuda:N or mps")
         check(self.dtype in _DTYPES, "dtype", self.dtype,
               "must be auto, float32, bfloat16 or float16")
+        check(self.threads is None or self.threads >= 1, "threads", self.threads,
+              "must be an integer >= 1, or None for the automatic choice")
         check(self.draw in ("inverse_cdf", "multinomial"), "draw", self.draw,
               "must be inverse_cdf or multinomial")
         check(self.context in ("half", "crop"), "context", self.context, "must be half or crop")
