@@ -28,6 +28,13 @@ can (transformers is then given the same weights when the folder is in its forma
     .venv/bin/python bench.py            # ~10-15 min on 2 cores: batch 1, 8 and 64, both samplers
     .venv/bin/python bench.py --quick    # ~1 min: batch 1, 128 tokens, one repeat
     .venv/bin/python bench.py --full     # the whole matrix: long (an hour or more)
+    .venv/bin/python bench.py --load_test   # ~8 min: the thread policy, quiet and beside 2 busy processes
+
+--load_test measures sample.py's thread policy (nanosample/threads.py) instead of the systems:
+our decode tokens/s at batch 1 under the automatic policy, 1 thread and torch's default, each
+in its own process (the OpenMP wait policy is set before torch loads), interleaved, on the
+shipped model and on GPT-2 124M's shape, first with nothing started beside them, then beside
+--competitors busy processes that it starts and kills; ratios auto/1 thread and auto/default.
 
 The last line printed is one JSON object with every number.
 """
@@ -634,7 +641,8 @@ def _json_default(x):
 # --load_test: the thread policy beside busy processes
 
 LOAD_POLICIES = ("auto", "one", "default")  # threads.ThreadPolicy; 1 thread; torch's default
-LOAD_TOKENS = {"shakespeare_char": 400}     # new tokens per timed run; other models: 48
+LOAD_TOKENS = {"shakespeare_char": 2000}    # new tokens per timed run at most; other models: 256
+LOAD_RUN_S = 10.0  # and a run stops after this many seconds (a collapsed policy can take minutes)
 # Each competitor is one always-runnable thread, like a compile job or another Python program.
 # Not a torch loop: that would bring its own thread pool and its own collapse, and its demand
 # would change with ours. It spins while bench.py is its parent, so a bench.py killed with
@@ -658,12 +666,14 @@ def load_test(s):
     print(f"machine: {report['machine']}\nload average at start: "
           f"{' '.join(f'{x:.2f}' for x in load_start)}")
     for model in models:
-        tokens = s.new_tokens[0] if s.new_tokens else LOAD_TOKENS.get(model, 48)
+        tokens = s.new_tokens[0] if s.new_tokens else LOAD_TOKENS.get(model, 256)
         workers = {p: _LoadWorker(model, p, tokens, s.seed) for p in LOAD_POLICIES}
         try:
             row = {"model": model, "new_tokens": tokens}
+            print(f"\n{model}: no competitors", flush=True)
             row["quiet"] = _load_phase(workers, s.repeats)
             with _competitors(s.competitors):
+                print(f"{model}: {s.competitors} competitors", flush=True)
                 row["loaded"] = _load_phase(workers, s.repeats)
         finally:
             for w in workers.values():
@@ -689,6 +699,10 @@ def _load_phase(workers, repeats):
     for rep in range(repeats):
         for p in names[rep % len(names):] + names[:rep % len(names)]:
             runs[p].append(workers[p].run())
+            r = runs[p][-1]
+            print(f"  {p:<8} {r['decode_tokens_per_s']:8.1f} tokens/s on "
+                  f"{','.join(map(str, r['threads']))} thread(s), {r['procs_running']} tasks "
+                  f"runnable at the start", flush=True)
     out = {p: {"decode_tokens_per_s": median([r["decode_tokens_per_s"] for r in rs]),
                "threads": sorted({t for r in rs for t in r["threads"]}),
                "runs": [round(r["decode_tokens_per_s"], 2) for r in rs],
@@ -771,10 +785,12 @@ def load_worker(model, policy, new_tokens, seed):
     prompt = [(7 * i + 1) % loaded.tokenizer.n_vocab for i in range(16)]
     params = SamplingParams(**SAMPLERS["top_k"][0])
     new_tokens, seed = int(new_tokens), int(seed)
+    parent = os.getppid()
 
-    def decode(n):
-        """Decode tokens/s over n new tokens (after the first), and the thread counts used."""
-        used, first = set(), None
+    def decode(n, seconds=LOAD_RUN_S):
+        """Decode tokens/s after the first token, over n new tokens or `seconds`, whichever
+        ends first, and the thread counts used."""
+        used, first, count = set(), None, 0
         with torch.no_grad():
             for piece in generate(loaded.model, loaded.tokenizer, prompt, params,
                                   max_new_tokens=n, seed=seed, stop_at_eot=False):
@@ -783,7 +799,12 @@ def load_worker(model, policy, new_tokens, seed):
                 used.add(torch.get_num_threads())
                 if first is None:
                     first = time.perf_counter()
-        return (n - 1) / (time.perf_counter() - first), sorted(used)
+                count += 1
+                if os.getppid() != parent:
+                    sys.exit(1)  # bench.py was killed: stop now, not at the end of the run
+                if time.perf_counter() - first > seconds:
+                    break
+        return (count - 1) / (time.perf_counter() - first), sorted(used)
 
     decode(8)  # warm-up: the allocator, the thread pool
     print(json.dumps({"params": loaded.model.num_params()}), flush=True)

@@ -59,13 +59,13 @@ def set_wait_policy(environ=None):
 
 
 def user_thread_count(environ=None):
-    """The thread count the user set through OMP_NUM_THREADS or MKL_NUM_THREADS (torch reads
-    them at start-up and we leave it so), or None."""
+    """The variable through which the user set a thread count, OMP_NUM_THREADS or
+    MKL_NUM_THREADS (torch reads them at start-up and we leave it so), or None."""
     environ = os.environ if environ is None else environ
     for name in USER_COUNT_VARS:
         value = environ.get(name, "").strip()
         if value.isdigit() and int(value) >= 1:
-            return int(value)
+            return name
     return None
 
 
@@ -147,7 +147,7 @@ class ThreadPolicy:
 
     def __init__(self, requested=None, environ=None):
         self.requested = requested
-        self.env_threads = user_thread_count(environ)
+        self.env_threads = user_thread_count(environ)  # the variable's name, or None
         self.sample = read_cpu()
         self.threads = None      # the count in use after apply()
         self.why = ""            # a few words for the load line: "--threads", "auto", ...
@@ -165,9 +165,7 @@ class ThreadPolicy:
         if self.requested is not None:
             self.threads, self.why = self.requested, "--threads"
         elif self.env_threads is not None:
-            self.threads, self.why = torch.get_num_threads(), "OMP_NUM_THREADS"
-            if "OMP_NUM_THREADS" not in os.environ:
-                self.why = "MKL_NUM_THREADS"
+            self.threads, self.why = torch.get_num_threads(), self.env_threads
             return self.threads
         else:
             self.params, self.rows = params, rows
