@@ -188,7 +188,7 @@ def describe_loaded(loaded, policy=None):
         vocab += f" from {loaded.info['meta_pkl']}"
     weight = model.transformer.wte.weight
     dtype = str(weight.dtype).removeprefix("torch.")
-    threads = f", {policy.describe()}" if policy is not None and policy.threads else ""
+    threads = f", {policy.describe()}" if policy is not None and policy.describe() else ""
     return (f"loaded {loaded.source}: {size} parameters, {vocab}, block_size "
             f"{model.config.block_size}, {dtype} on {weight.device}{threads}")
 

@@ -206,5 +206,8 @@ class ThreadPolicy:
         return choose_threads(self.params, self.rows, self.cores, others)
 
     def describe(self):
-        """For the load line: '1 thread (auto)'."""
+        """For the load line: '1 thread (auto)' or '4 threads (--threads)'; '' when nothing
+        was chosen here (OMP_NUM_THREADS: the user's environment already says it)."""
+        if self.why not in ("auto", "--threads"):
+            return ""
         return f"{self.threads} thread{'s' if self.threads != 1 else ''} ({self.why})"

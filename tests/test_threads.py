@@ -90,7 +90,7 @@ def test_policy_applies_the_flag_then_the_environment_then_the_rule(keep_torch_t
     torch.set_num_threads(2)  # as torch would from OMP_NUM_THREADS=2
     policy = threads.ThreadPolicy(None, environ={"OMP_NUM_THREADS": "2"})
     assert policy.apply(SHIPPED, 1) == 2 and torch.get_num_threads() == 2
-    assert policy.describe() == "2 threads (OMP_NUM_THREADS)"
+    assert policy.describe() == ""  # the user's environment says it: not repeated
 
     policy = threads.ThreadPolicy(None, environ={})
     assert policy.apply(SHIPPED, 1) == 1 and torch.get_num_threads() == 1
@@ -169,3 +169,17 @@ def test_shipped_model_logits_thread_invariant(keep_torch_threads):
         with torch.no_grad():
             out[n] = model(idx)
     assert torch.equal(out[1], out[2])
+
+
+def test_load_line_names_the_automatic_choice():
+    """Without OMP_NUM_THREADS (which conftest's runs set), the policy chooses, and says so:
+    one thread for the shipped model on any machine. With it, the line stays as it was."""
+    env = {k: v for k, v in os.environ.items()
+           if k not in threads.USER_COUNT_VARS + threads.USER_WAIT_VARS}
+    env.update(PYTHONIOENCODING="utf-8", HF_HUB_OFFLINE="1")
+    args = [sys.executable, str(REPO / "sample.py"), "--num_samples=1", "--max_new_tokens=5"]
+    p = subprocess.run(args, cwd=REPO, capture_output=True, text=True, env=env, timeout=300)
+    assert p.returncode == 0, p.stderr
+    assert p.stderr.splitlines()[0].endswith("float32 on cpu, 1 thread (auto)")
+    code, _, err = sample_py("--num_samples=1", "--max_new_tokens=5")  # OMP_NUM_THREADS=1
+    assert code == 0 and err.splitlines()[0].endswith("float32 on cpu"), err
