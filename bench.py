@@ -660,8 +660,8 @@ def load_test(s):
         return cli.report_error(f"--cache_dir: cannot write the random checkpoint ({e.strerror})",
                                 cli.EXIT_FAILED)
     t_start = time.perf_counter()
-    report = {"bench": "load_test", "competitors": s.competitors, "machine": machine_line("-"),
-              "repeats": s.repeats, "models": []}
+    report = {"bench": "load_test", "competitors": s.competitors,
+              "machine": machine_line("auto, 1 or default"), "repeats": s.repeats, "models": []}
     load_start = os.getloadavg()
     print(f"machine: {report['machine']}\nload average at start: "
           f"{' '.join(f'{x:.2f}' for x in load_start)}")
@@ -768,6 +768,8 @@ class _LoadWorker:
 def load_worker(model, policy, new_tokens, seed):
     """bench.py --load_worker MODEL POLICY NEW_TOKENS SEED: one policy's process. Prints
     {"params"} once loaded, then one line per `run` on stdin; ends when stdin closes."""
+    import signal
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is bench.py's to handle: it ends us
     from nanosample import threads
     if policy == "auto":
         threads.set_wait_policy()  # as sample.py does: before torch is imported
