@@ -28,7 +28,7 @@ can (transformers is then given the same weights when the folder is in its forma
     .venv/bin/python bench.py            # ~10-15 min on 2 cores: batch 1, 8 and 64, both samplers
     .venv/bin/python bench.py --quick    # ~1 min: batch 1, 128 tokens, one repeat
     .venv/bin/python bench.py --full     # the whole matrix: long (an hour or more)
-    .venv/bin/python bench.py --load_test   # ~8 min: the thread policy, quiet and beside 2 busy processes
+    .venv/bin/python bench.py --load_test   # ~8 min: the thread policy, alone and beside 2 busy ones
 
 --load_test measures sample.py's thread policy (nanosample/threads.py) instead of the systems:
 our decode tokens/s at batch 1 under the automatic policy, 1 thread and torch's default, each

@@ -88,7 +88,7 @@ def sample(argv):
 def load_and_run(parsed, init_from, prompt, prompt_flag, outputs, explain):
     """Load the model, check what needs it, generate; the exit code."""
     settings = parsed.settings
-    policy = threads.ThreadPolicy(settings.threads)  # before torch loads: it watches the load meanwhile
+    policy = threads.ThreadPolicy(settings.threads)  # before torch loads: it watches the load
     from nanosample import loader  # the model code loads only once the settings are known to be good
 
     try:

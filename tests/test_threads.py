@@ -162,7 +162,8 @@ def test_same_text_on_one_and_two_threads():
 def test_shipped_model_logits_thread_invariant(keep_torch_threads):
     from nanosample.loader import load_model
     model = load_model("shakespeare_char").model
-    idx = torch.randint(0, model.config.vocab_size, (3, 40), generator=torch.Generator().manual_seed(0))
+    idx = torch.randint(0, model.config.vocab_size, (3, 40),
+                        generator=torch.Generator().manual_seed(0))
     out = {}
     for n in (1, 2):
         torch.set_num_threads(n)
