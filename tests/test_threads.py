@@ -184,3 +184,28 @@ def test_load_line_names_the_automatic_choice():
     assert p.stderr.splitlines()[0].endswith("float32 on cpu, 1 thread (auto)")
     code, _, err = sample_py("--num_samples=1", "--max_new_tokens=5")  # OMP_NUM_THREADS=1
     assert code == 0 and err.splitlines()[0].endswith("float32 on cpu"), err
+
+
+def test_check_follows_the_load_and_skips_stale_windows(monkeypatch, keep_torch_threads):
+    """ThreadPolicy on a scripted /proc/stat: quiet, then two busy processes, then quiet again,
+    then a long idle gap (a stale window, which only starts a new one)."""
+    samples = iter([
+        CPUSample(at=0.0, busy_s=0.0, nice_s=0.0, own_s=0.0),    # made: the window starts
+        CPUSample(at=3.0, busy_s=3.0, nice_s=0.0, own_s=3.0),    # apply: only our loading
+        CPUSample(at=5.5, busy_s=8.0, nice_s=0.0, own_s=3.0),    # others kept 2 cores busy
+        CPUSample(at=8.0, busy_s=11.0, nice_s=0.0, own_s=5.5),   # others: 0.2 cores
+        CPUSample(at=30.0, busy_s=50.0, nice_s=0.0, own_s=5.5),  # 22 s since: stale
+        CPUSample(at=32.5, busy_s=55.0, nice_s=0.0, own_s=8.0),  # others: 1 core
+    ])
+    monkeypatch.setattr(threads, "read_cpu", lambda: next(samples))
+    torch.set_num_threads(2)  # as torch's default on a 2-core machine
+    policy = threads.ThreadPolicy(None, environ={})
+    assert policy.apply(GPT2, 1) == 2
+
+    counts = []
+    for _ in range(4):
+        policy.last_check = -1e9  # as if RECHECK_S had passed
+        counts.append(policy.check())
+        assert torch.get_num_threads() == counts[-1]
+    assert counts == [1, 2, 2, 1]
+    assert policy.check() == 1  # within RECHECK_S of the last look: /proc/stat is not read
