@@ -11,7 +11,7 @@ import sys
 
 import pytest
 import torch
-from conftest import REPO, sample_py
+from conftest import REPO, run_python, sample_py
 
 import sample
 from nanosample import threads
@@ -209,3 +209,13 @@ def test_check_follows_the_load_and_skips_stale_windows(monkeypatch, keep_torch_
         assert torch.get_num_threads() == counts[-1]
     assert counts == [1, 2, 2, 1]
     assert policy.check() == 1  # within RECHECK_S of the last look: /proc/stat is not read
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--load_test", "--threads=2"], "error: --threads=2: --load_test compares its own thread "
+                                     "counts (automatic, 1, torch's default); leave --threads out"),
+    (["--load_test", "--competitors=0"], "error: --competitors=0: must be an integer >= 1"),
+])
+def test_bench_load_test_flag_errors(argv, message):
+    code, out, err = run_python(str(REPO / "bench.py"), *argv)
+    assert (code, out, err) == (2, "", message + "\n")
