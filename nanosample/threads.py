@@ -17,10 +17,10 @@ The policy, in three parts:
 - `choose_threads`: as many threads as the model has work for (`useful_threads`: one per
   PARAMS_PER_THREAD parameters x rows of a decode step), no more than the cores other
   processes leave free, at least one, never more than torch's own default.
-- `free_cores`: the cores left free, from /proc/stat: the CPU time the whole machine spent
-  busy over a window (the seconds it took to import torch and load the model, or the seconds
-  since the last check), minus our own process's CPU time. Niced work (another build) counts
-  as free, since it yields to us, unless we are niced ourselves.
+- `others_busy_cores`: the cores other processes keep busy, from /proc/stat: the CPU time
+  the whole machine spent busy over a window (the seconds it took to import torch and load
+  the model, or the seconds since the last check), minus our own process's CPU time. Niced work (another build) does
+  not count, since it yields to us, unless we are niced ourselves.
 
 `ThreadPolicy` ties them together for a script: `apply()` once after loading, then `check()`
 during a long generation (cheap; it looks again at most every RECHECK_S seconds), which moves
@@ -58,7 +58,7 @@ def set_wait_policy(environ=None):
     return True
 
 
-def user_thread_count(environ=None):
+def user_thread_variable(environ=None):
     """The variable through which the user set a thread count, OMP_NUM_THREADS or
     MKL_NUM_THREADS (torch reads them at start-up and we leave it so), or None."""
     environ = os.environ if environ is None else environ
@@ -147,7 +147,7 @@ class ThreadPolicy:
 
     def __init__(self, requested=None, environ=None):
         self.requested = requested
-        self.env_threads = user_thread_count(environ)  # the variable's name, or None
+        self.env_threads = user_thread_variable(environ)  # the variable's name, or None
         self.sample = read_cpu()
         self.threads = None      # the count in use after apply()
         self.why = ""            # a few words for the load line: "--threads", "auto", ...

@@ -73,12 +73,12 @@ def test_others_busy_cores_from_two_samples():
     assert others_busy_cores(None, after) is None
 
 
-def test_user_thread_count():
-    assert threads.user_thread_count({}) is None
-    assert threads.user_thread_count({"OMP_NUM_THREADS": "3"}) == "OMP_NUM_THREADS"
-    assert threads.user_thread_count({"MKL_NUM_THREADS": " 2 "}) == "MKL_NUM_THREADS"
-    assert threads.user_thread_count({"OMP_NUM_THREADS": "0"}) is None
-    assert threads.user_thread_count({"OMP_NUM_THREADS": "many"}) is None
+def test_user_thread_variable():
+    assert threads.user_thread_variable({}) is None
+    assert threads.user_thread_variable({"OMP_NUM_THREADS": "3"}) == "OMP_NUM_THREADS"
+    assert threads.user_thread_variable({"MKL_NUM_THREADS": " 2 "}) == "MKL_NUM_THREADS"
+    assert threads.user_thread_variable({"OMP_NUM_THREADS": "0"}) is None
+    assert threads.user_thread_variable({"OMP_NUM_THREADS": "many"}) is None
 
 
 def test_policy_applies_the_flag_then_the_environment_then_the_rule(keep_torch_threads):
