@@ -19,8 +19,8 @@ The policy, in three parts:
   processes leave free, at least one, never more than torch's own default.
 - `others_busy_cores`: the cores other processes keep busy, from /proc/stat: the CPU time
   the whole machine spent busy over a window (the seconds it took to import torch and load
-  the model, or the seconds since the last check), minus our own process's CPU time. Niced work (another build) does
-  not count, since it yields to us, unless we are niced ourselves.
+  the model, or the seconds since the last check), minus our own process's CPU time. Niced
+  work (another build) does not count, since it yields to us, unless we are niced ourselves.
 
 `ThreadPolicy` ties them together for a script: `apply()` once after loading, then `check()`
 during a long generation (cheap; it looks again at most every RECHECK_S seconds), which moves
