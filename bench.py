@@ -28,6 +28,13 @@ can (transformers is then given the same weights when the folder is in its forma
     .venv/bin/python bench.py            # ~10-15 min on 2 cores: batch 1, 8 and 64, both samplers
     .venv/bin/python bench.py --quick    # ~1 min: batch 1, 128 tokens, one repeat
     .venv/bin/python bench.py --full     # the whole matrix: long (an hour or more)
+    .venv/bin/python bench.py --load_test   # ~8 min: the thread policy, alone and beside 2 busy ones
+
+--load_test measures sample.py's thread policy (nanosample/threads.py) instead of the systems:
+our decode tokens/s at batch 1 under the automatic policy, 1 thread and torch's default, each
+in its own process (the OpenMP wait policy is set before torch loads), interleaved, on the
+shipped model and on GPT-2 124M's shape, first with nothing started beside them, then beside
+--competitors busy processes that it starts and kills; ratios auto/1 thread and auto/default.
 
 The last line printed is one JSON object with every number.
 """
@@ -112,7 +119,16 @@ class BenchSettings:
     prompt_tokens: int = setting(16, "prompt length in tokens")
     cold_starts: int = setting(3, "fresh processes per system for cold start and peak memory "
                                   "(batch 1, 128 tokens, top_k); 0 = skip")
-    threads: int | None = setting(None, "torch threads for every system; None = torch's default")
+    threads: int | None = setting(None, "torch threads for every system; None = torch's default "
+                                        "(not the automatic policy of sample.py: every system "
+                                        "gets the same count; --load_test measures the policy)")
+    load_test: bool = setting(False,
+        "instead of the systems: our decode tokens/s (batch 1, top_k) under three thread "
+        "policies, sample.py's automatic one, 1 thread and torch's default, each in its own "
+        "process, interleaved, on the shipped model and GPT-2 124M's shape (or --init_from), "
+        "first with nothing started beside them, then beside --competitors busy processes")
+    competitors: int = setting(2, "busy processes (Python spin loops, one core each) that "
+                                  "--load_test starts beside us, and kills at the end")
     seed: int = setting(1337, "random seed of the samplers")
 
     def __post_init__(self):
@@ -141,6 +157,11 @@ class BenchSettings:
             raise ValueError(f"cold_starts={self.cold_starts}: must be >= 0")
         if self.threads is not None and self.threads < 1:
             raise ValueError(f"threads={self.threads}: must be >= 1, or None")
+        if self.competitors < 1:
+            raise ValueError(f"competitors={self.competitors}: must be an integer >= 1")
+        if self.load_test and self.threads is not None:
+            raise ValueError(f"threads={self.threads}: --load_test compares its own thread "
+                             f"counts (automatic, 1, torch's default); leave --threads out")
         if self.quick and self.full:
             raise ValueError("quick=True: cannot be combined with --full")
 
@@ -520,10 +541,14 @@ def _main(argv):
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["--child"]:  # bench.py's own cold-start processes, not for users
         return _child_main(argv[1:])
+    if argv[:1] == ["--load_worker"]:  # --load_test's decoding processes, not for users
+        return load_worker(*argv[1:])
     parsed, code = parse_for_main(BenchSettings, argv, prog="bench.py", description=HELP)
     if parsed is None:
         return code
     s = effective(parsed)
+    if s.load_test:
+        return load_test(s)
     try:
         if s.init_from is None:
             check_cache_dir(s.cache_dir)
@@ -727,6 +752,226 @@ def _json_default(x):
     if isinstance(x, float) and math.isnan(x):
         return None
     return str(x)
+
+
+# ---------------------------------------------------------------------------------------------
+# --load_test: the thread policy beside busy processes
+
+LOAD_POLICIES = ("auto", "one", "default")  # threads.ThreadPolicy; 1 thread; torch's default
+LOAD_TOKENS = {"shakespeare_char": 2000}    # new tokens per timed run at most; other models: 256
+LOAD_RUN_S = 10.0  # and a run stops after this many seconds (a collapsed policy can take minutes)
+# Each competitor is one always-runnable thread, like a compile job or another Python program.
+# Not a torch loop: that would bring its own thread pool and its own collapse, and its demand
+# would change with ours. It spins while bench.py is its parent, so a bench.py killed with
+# SIGKILL (no finally) still leaves nothing running: the orphan sees its parent change and ends.
+COMPETITOR = "import os, sys\nparent = int(sys.argv[1])\nwhile os.getppid() == parent:\n    pass\n"
+
+
+def load_test(s):
+    """--load_test: each model's decode tokens/s under the three policies, quiet then beside
+    s.competitors spin loops; prints a table per model and one JSON line; exit code."""
+    try:
+        models = [s.init_from] if s.init_from else ["shakespeare_char",
+                                                     str(random_gpt2_dir(s.cache_dir))]
+    except OSError as e:
+        return cli.report_error(f"--cache_dir: cannot write the random checkpoint ({e.strerror})",
+                                cli.EXIT_FAILED)
+    t_start = time.perf_counter()
+    report = {"bench": "load_test", "competitors": s.competitors,
+              "machine": machine_line("auto, 1 or default"), "repeats": s.repeats, "models": []}
+    load_start = os.getloadavg()
+    print(f"machine: {report['machine']}\nload average at start: "
+          f"{' '.join(f'{x:.2f}' for x in load_start)}")
+    for model in models:
+        tokens = s.new_tokens[0] if s.new_tokens else LOAD_TOKENS.get(model, 256)
+        workers = {p: _LoadWorker(model, p, tokens, s.seed) for p in LOAD_POLICIES}
+        try:
+            row = {"model": model, "new_tokens": tokens}
+            print(f"\n{model}: no competitors", flush=True)
+            row["quiet"] = _load_phase(workers, s.repeats)
+            with _competitors(s.competitors):
+                print(f"{model}: {s.competitors} competitors", flush=True)
+                row["loaded"] = _load_phase(workers, s.repeats)
+        finally:
+            for w in workers.values():
+                w.close()
+        row["params"] = workers["auto"].params
+        print_load_row(row, s.competitors)
+        report["models"].append(row)
+    report["load_average_start_end"] = [load_start, os.getloadavg()]
+    report["targets"] = load_targets(report["models"])
+    report["seconds"] = time.perf_counter() - t_start
+    print("\nthe thread-policy targets")
+    for t in report["targets"]:
+        mark = "met" if t["met"] else "NOT met"
+        print(f"  {t['target']:<66} {t['value']:7.3f} (goal >= {t['goal']})  {mark}")
+    print(json.dumps(report, default=_json_default))
+    return 0
+
+
+def _load_phase(workers, repeats):
+    """Each policy `repeats` times, rotating who goes first; medians and the ratios."""
+    names = list(workers)
+    runs = {p: [] for p in names}
+    for rep in range(repeats):
+        for p in names[rep % len(names):] + names[:rep % len(names)]:
+            runs[p].append(workers[p].run())
+            r = runs[p][-1]
+            print(f"  {p:<8} {r['decode_tokens_per_s']:8.1f} tokens/s on "
+                  f"{','.join(map(str, r['threads']))} thread(s), {r['procs_running']} tasks "
+                  f"runnable at the start", flush=True)
+    out = {p: {"decode_tokens_per_s": median([r["decode_tokens_per_s"] for r in rs]),
+               "threads": sorted({t for r in rs for t in r["threads"]}),
+               "runs": [round(r["decode_tokens_per_s"], 2) for r in rs],
+               "procs_running": [r["procs_running"] for r in rs]} for p, rs in runs.items()}
+    auto = out["auto"]["decode_tokens_per_s"]
+    out["auto_vs_one"] = auto / out["one"]["decode_tokens_per_s"]
+    out["auto_vs_default"] = auto / out["default"]["decode_tokens_per_s"]
+    return out
+
+
+@contextlib.contextmanager
+def _competitors(n):
+    """n busy processes for the length of the block; killed however the block ends."""
+    procs = []
+    try:
+        for _ in range(n):
+            procs.append(subprocess.Popen([sys.executable, "-c", COMPETITOR, str(os.getpid())],
+                                          stdin=subprocess.DEVNULL))
+        time.sleep(0.5)  # running before the first timed run starts
+        yield procs
+    finally:
+        for p in procs:
+            p.kill()
+        for p in procs:
+            p.wait()
+
+
+class _LoadWorker:
+    """One policy's decoding process (bench.py --load_worker), kept for the whole test: it
+    loads the model once, then answers each `run` line with one JSON line."""
+
+    def __init__(self, model, policy, new_tokens, seed):
+        env = {**os.environ, "PYTHONPATH": str(ROOT)}
+        for name in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OMP_WAIT_POLICY", "GOMP_SPINCOUNT"):
+            env.pop(name, None)  # each policy sets its own; today's default is torch's own
+        self.proc = subprocess.Popen(
+            [sys.executable, str(Path(__file__).resolve()), "--load_worker", model, policy,
+             str(new_tokens), str(seed)],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env, cwd=ROOT)
+        self.params = self._read()["params"]  # the model is loaded
+
+    def _read(self):
+        line = self.proc.stdout.readline()
+        if not line:
+            raise RuntimeError(f"a --load_test worker ended (exit code {self.proc.wait()})")
+        return json.loads(line)
+
+    def run(self):
+        self.proc.stdin.write("run\n")
+        self.proc.stdin.flush()
+        return self._read()
+
+    def close(self):
+        with contextlib.suppress(OSError):
+            self.proc.stdin.close()  # the worker's signal to end
+        try:
+            self.proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+
+
+def load_worker(model, policy, new_tokens, seed):
+    """bench.py --load_worker MODEL POLICY NEW_TOKENS SEED: one policy's process. Prints
+    {"params"} once loaded, then one line per `run` on stdin; ends when stdin closes."""
+    import signal
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is bench.py's to handle: it ends us
+    from nanosample import threads
+    if policy == "auto":
+        threads.set_wait_policy()  # as sample.py does: before torch is imported
+        thread_policy = threads.ThreadPolicy(None)
+    import torch
+    from nanosample.generate import generate
+    from nanosample.loader import load_model
+    from nanosample.sampling import SamplingParams
+
+    loaded = load_model(model)
+    if policy == "auto":
+        thread_policy.apply(loaded.model.num_params(), 1)
+    elif policy == "one":
+        torch.set_num_threads(1)
+    prompt = [(7 * i + 1) % loaded.tokenizer.n_vocab for i in range(16)]
+    params = SamplingParams(**SAMPLERS["top_k"][0])
+    new_tokens, seed = int(new_tokens), int(seed)
+    parent = os.getppid()
+
+    def decode(n, seconds=LOAD_RUN_S):
+        """Decode tokens/s after the first token, over n new tokens or `seconds`, whichever
+        ends first, and the thread counts used."""
+        used, first, count = set(), None, 0
+        with torch.no_grad():
+            for piece in generate(loaded.model, loaded.tokenizer, prompt, params,
+                                  max_new_tokens=n, seed=seed, stop_at_eot=False):
+                if policy == "auto":
+                    thread_policy.check()  # as sample.py's loop does
+                used.add(torch.get_num_threads())
+                if first is None:
+                    first = time.perf_counter()
+                count += 1
+                if os.getppid() != parent:
+                    sys.exit(1)  # bench.py was killed: stop now, not at the end of the run
+                if time.perf_counter() - first > seconds:
+                    break
+        return (count - 1) / (time.perf_counter() - first), sorted(used)
+
+    decode(8)  # warm-up: the allocator, the thread pool
+    print(json.dumps({"params": loaded.model.num_params()}), flush=True)
+    for line in sys.stdin:
+        if line.strip() != "run":
+            break
+        procs = _procs_running()
+        rate, used = decode(new_tokens)
+        print(json.dumps({"decode_tokens_per_s": rate, "threads": used,
+                          "procs_running": procs}), flush=True)
+    return 0
+
+
+def _procs_running():
+    """Runnable tasks on the machine now (/proc/loadavg), for the report; None if unknown."""
+    with contextlib.suppress(OSError, ValueError, IndexError):
+        return int(open("/proc/loadavg").read().split()[3].split("/")[0])
+    return None
+
+
+def load_targets(rows):
+    targets = []
+    for row in rows:
+        name = Path(row["model"]).name
+        targets.append({"target": f"{name}: auto vs 1 thread beside the competitors",
+                        "value": row["loaded"]["auto_vs_one"], "goal": 1.0})
+        targets.append({"target": f"{name}: auto vs torch's default, no competitors",
+                        "value": row["quiet"]["auto_vs_default"], "goal": 0.97})
+    for t in targets:
+        t["met"] = t["value"] >= t["goal"]
+    return targets
+
+
+def print_load_row(row, competitors):
+    print(f"\n{row['model']} ({row['params'] / 1e6:.1f}M parameters), batch 1, top_k, "
+          f"{row['new_tokens']} new tokens: decode tokens/s, median")
+    print(f"  {'policy':<16} {'no competitors':>15} {'threads':>8} "
+          f"{f'{competitors} competitors':>15} {'threads':>8}")
+    names = {"auto": "auto (policy)", "one": "1 thread", "default": "torch's default"}
+    for p in LOAD_POLICIES:
+        q, b = row["quiet"][p], row["loaded"][p]
+        print(f"  {names[p]:<16} {q['decode_tokens_per_s']:>15.1f} "
+              f"{','.join(map(str, q['threads'])):>8} {b['decode_tokens_per_s']:>15.1f} "
+              f"{','.join(map(str, b['threads'])):>8}")
+    print(f"  auto vs 1 thread: {row['quiet']['auto_vs_one']:.2f}x quiet, "
+          f"{row['loaded']['auto_vs_one']:.2f}x loaded; auto vs torch's default: "
+          f"{row['quiet']['auto_vs_default']:.2f}x quiet, "
+          f"{row['loaded']['auto_vs_default']:.2f}x loaded", flush=True)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -52,7 +52,7 @@ import sys
 import time
 from dataclasses import dataclass, field, fields
 
-from nanosample import cli
+from nanosample import cli, threads
 from nanosample.sampler_settings import NUMBERS
 # `setting` is also a flag's name below, so the field helper goes by another name here
 from nanosample.settings import DEVICE_PATTERN, HelpRequested, SettingsError, check, parse_settings
@@ -122,9 +122,10 @@ class EvaluateSettings:
                                      "existing file is an error)")
     device: str = option("auto", "cpu, cuda, cuda:N or mps; auto = cuda if available, else "
                                   "mps, else cpu")
-    threads: int | None = option(1, "CPU threads for torch (torch.set_num_threads); None = torch's "
-                                     "default. One is the fastest for small models: a batch of "
-                                     "2 rows is too little work to share between threads")
+    threads: int | None = option(None, "CPU threads for torch; None = automatic, as sample.py's "
+                                        "--threads (one prompt's num_samples rows: the shipped "
+                                        "model gets 1, too little work to share between "
+                                        "threads; fewer on a busy machine)")
 
     def __post_init__(self):
         check(self.num_prompts >= 2, "num_prompts", self.num_prompts, "must be an integer >= 2")
@@ -136,7 +137,7 @@ class EvaluateSettings:
         check(0 <= self.seed < 2**63, "seed", self.seed, "must be an integer >= 0 and < 2**63")
         check(self.out_dir != "", "out_dir", "''", "must be a directory path")
         check(self.threads is None or self.threads >= 1, "threads", self.threads,
-              "must be an integer >= 1, or None")
+              "must be an integer >= 1, or None for the automatic choice")
         check(self.prompts != "", "prompts", "''", "must be a file path, or None")
         check(bool(DEVICE_PATTERN.fullmatch(self.device)), "device", self.device,
               "must be auto, cpu, cuda, cuda:N or mps")
@@ -675,10 +676,12 @@ def evaluate(argv):
         return code
     settings, sweep, paths = parsed
 
+    threads.set_wait_policy()  # before torch is imported, or it does nothing (threads.py)
+    policy = threads.ThreadPolicy(settings.threads)  # watches the load while torch loads
     from nanosample import loader
 
     try:
-        loaded, prompts, val_fraction = _load_model_and_prompts(settings, sweep)
+        loaded, prompts, val_fraction = _load_model_and_prompts(settings, sweep, policy)
     except SettingsError as e:
         return cli.report_error(e)
     except loader.CheckpointError as e:
@@ -731,19 +734,18 @@ def _parse_command(argv):
     return (settings, sweep, paths), None
 
 
-def _load_model_and_prompts(settings, sweep):
+def _load_model_and_prompts(settings, sweep, policy):
     """(the loaded checkpoint, the prompts, the validation fraction the prompts are held out
     with). Raises SettingsError for prompts or a sweep that do not fit the model."""
-    import torch
-
     from nanosample import loader
     from nanosample.corpus import read_corpus
     from nanosample.device import resolve_device
 
-    if settings.threads is not None:
-        torch.set_num_threads(settings.threads)
     device, _ = resolve_device(settings.device, "float32")
     loaded = loader.load_model(settings.init_from, device=device)
+    if device == "cpu" or settings.threads is not None:
+        # chosen once for the sweep (sample.py also looks again as it goes)
+        policy.apply(loaded.model.num_params(), settings.num_samples)
     # the split the checkpoint was trained with, when it says (train.py records it)
     val_fraction = loaded.info.get("training", {}).get("recipe", {}).get(
         "val_fraction", VAL_FRACTION)

@@ -43,7 +43,7 @@ import os
 import sys
 import time
 
-from nanosample import cli
+from nanosample import cli, threads
 from nanosample.device import check_quantize, resolve_device
 from nanosample.settings import HelpRequested, SampleSettings, SettingsError, read_settings
 
@@ -62,6 +62,7 @@ def main(argv=None):
 
 def sample(argv):
     outputs = {}  # --explain_file and --plot, whose temporary files must not outlive the run
+    threads.set_wait_policy()  # before torch is imported, or it does nothing (threads.py)
     try:
         try:
             parsed = read_settings(SampleSettings, argv, prog="sample.py",
@@ -87,6 +88,7 @@ def sample(argv):
 def load_and_run(parsed, init_from, prompt, prompt_flag, outputs, explain):
     """Load the model, check what needs it, generate; the exit code."""
     settings = parsed.settings
+    policy = threads.ThreadPolicy(settings.threads)  # before torch loads: it watches the load
     from nanosample import loader  # the model code loads only once the settings are known to be good
 
     try:
@@ -108,7 +110,9 @@ def load_and_run(parsed, init_from, prompt, prompt_flag, outputs, explain):
 
     if parsed.ignored:  # after every check, so that a mistake is still one line
         note_ignored(parsed.ignored)
-    print(describe_loaded(loaded), file=sys.stderr)
+    if device == "cpu" or settings.threads is not None:
+        policy.apply(loaded.model.num_params(), batch_size)
+    print(describe_loaded(loaded, policy), file=sys.stderr)
     model = loaded.model
     if settings.compile:
         import torch
@@ -117,7 +121,7 @@ def load_and_run(parsed, init_from, prompt, prompt_flag, outputs, explain):
     failed = False
     try:
         return run(settings, model, loaded.tokenizer, prompt, prompt_ids, params, trace,
-                   batch_size)
+                   batch_size, policy)
     except cli.RunError as e:  # an output could not be written
         failed = True
         return cli.report_error(e, cli.EXIT_FAILED)
@@ -184,8 +188,9 @@ def note_ignored(ignored):
           file=sys.stderr)
 
 
-def describe_loaded(loaded):
-    """The one stderr line naming what was loaded: source, size, vocabulary, context, dtype, device."""
+def describe_loaded(loaded, policy=None):
+    """The one stderr line naming what was loaded: source, size, vocabulary, context, dtype,
+    device, and the CPU threads chosen (threads.ThreadPolicy) when they were."""
     model, tokenizer = loaded.model, loaded.tokenizer
     n = loaded.info.get("parameters", model.num_params())
     size = f"{n / 1e9:.2f}B" if n >= 1e9 else f"{n / 1e6:.2f}M" if n >= 1e6 else f"{n:,}"
@@ -198,8 +203,9 @@ def describe_loaded(loaded):
     dtype = str(weight.dtype).removeprefix("torch.")
     if "quantize" in loaded.info:
         dtype += f" ({loaded.info['quantize']} weights in the matrix products)"
+    threads = f", {policy.describe()}" if policy is not None and policy.describe() else ""
     return (f"loaded {loaded.source}: {size} parameters, {vocab}, block_size "
-            f"{model.config.block_size}, {dtype} on {weight.device}")
+            f"{model.config.block_size}, {dtype} on {weight.device}{threads}")
 
 
 def read_prompt(start):
@@ -361,7 +367,8 @@ class SamplePrinter:
             self.current, self.written = i + 1, None
 
 
-def run(settings, model, tokenizer, prompt, prompt_ids, params, trace, batch_size=None):
+def run(settings, model, tokenizer, prompt, prompt_ids, params, trace, batch_size=None,
+        policy=None):
     from nanosample import generate
     from tqdm import tqdm
 
@@ -385,6 +392,8 @@ def run(settings, model, tokenizer, prompt, prompt_ids, params, trace, batch_siz
         decode_step={None: "auto", True: "graph", False: "eager"}[settings.cuda_graph])
     try:
         for piece in pieces:
+            if policy is not None:
+                policy.check()  # the load changed: another thread count (cheap; every 2 s)
             if piece.token is not None:
                 tokens += 1
                 counted[piece.sample] = counted.get(piece.sample, 0) + 1

@@ -545,6 +545,11 @@ class SampleSettings:
                                     "figures): fp16, bf16 (fast only on CPUs with AVX-512 "
                                     "BF16 or AMX) or int8 (8-bit inputs too); none = float32. "
                                     "Sample i may then change with --batch_size")
+    threads: int | None = setting(None,
+        "CPU threads for torch; None = automatic: as many as the model has work for (one per "
+        "32M parameters x rows: the shipped model gets 1, GPT-2 124M up to 3), no more than "
+        "the cores other processes leave free, looked at again every 2 s. OMP_NUM_THREADS, when "
+        "set, is kept. The stderr line after loading says which count ran (docs/speed.md)")
     compile: bool = setting(False, "torch.compile the model. On the CPU it makes these models "
                                    "slower: compiling takes minutes, and compiled GPT-2 decodes at "
                                    "0.2-0.5x eager's speed (bench.py --systems=ours,compiled). Its "
@@ -592,6 +597,8 @@ class SampleSettings:
         check(self.quantize == "none" or not self.compile, "quantize", self.quantize,
               "cannot be combined with --compile (torch.compile does not trace the packed "
               "reduced-precision weights); use one or the other")
+        check(self.threads is None or self.threads >= 1, "threads", self.threads,
+              "must be an integer >= 1, or None for the automatic choice")
         check(self.draw in ("inverse_cdf", "multinomial"), "draw", self.draw,
               "must be inverse_cdf or multinomial")
         check(self.context in ("half", "crop"), "context", self.context, "must be half or crop")
