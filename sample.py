@@ -111,7 +111,7 @@ def load_and_run(parsed, init_from, prompt, prompt_flag, outputs, explain):
     if parsed.ignored:  # after every check, so that a mistake is still one line
         note_ignored(parsed.ignored)
     if device == "cpu" or settings.threads is not None:
-        policy.apply(loaded.model.num_params(), batch_size)
+        policy.apply(loaded.info["parameters"], batch_size)
     print(describe_loaded(loaded, policy), file=sys.stderr)
     model = loaded.model
     if settings.compile:
@@ -192,7 +192,7 @@ def describe_loaded(loaded, policy=None):
     """The one stderr line naming what was loaded: source, size, vocabulary, context, dtype,
     device, and the CPU threads chosen (threads.ThreadPolicy) when they were."""
     model, tokenizer = loaded.model, loaded.tokenizer
-    n = loaded.info.get("parameters", model.num_params())
+    n = loaded.info["parameters"]
     size = f"{n / 1e9:.2f}B" if n >= 1e9 else f"{n / 1e6:.2f}M" if n >= 1e6 else f"{n:,}"
     vocab = f"vocabulary {tokenizer.n_vocab}"
     if model.config.vocab_size != tokenizer.n_vocab:
