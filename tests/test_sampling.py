@@ -222,8 +222,9 @@ def test_window_above_floor_equals_topk(width):
 def test_zero_positions_equals_nonzero(shape):
     gen = torch.Generator().manual_seed(2)
     x = (torch.rand(*shape, generator=gen) * 40).floor() - 20     # ~1 in 40 entries is 0
-    x[3] = 0.0                                                     # a row of zeros
-    x[4] = 1.0                                                     # a row without
+    if shape[0] > 4:
+        x[3] = 0.0                                                 # a row of zeros
+        x[4] = 1.0                                                 # a row without
     rows, cols = fast_sampling._zero_positions(x, {})
     want_rows, want_cols = (x == 0).nonzero(as_tuple=True)
     assert torch.equal(rows, want_rows) and torch.equal(cols, want_cols)
