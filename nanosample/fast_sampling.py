@@ -17,6 +17,7 @@ only matter when u falls within ~1e-16 of a boundary). `sampling.sample_step` ch
 path runs (`sampling.use_fast_path`).
 """
 
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -70,8 +71,42 @@ def sample_step(adjusted, params, u, window=256, candidates=True):
 
     `candidates=False` skips listing the candidates for the explain trace (they and the ranks
     are then None): the tokens are the same, and a batch without top-k needs no window at all.
+    Up to ONE_THREAD_MAX logits, it runs on one of torch's threads (`_one_thread`).
     """
-    params = plan(params)
+    with _one_thread(adjusted.device.type == "cpu" and adjusted.numel() <= ONE_THREAD_MAX):
+        return _sample_step(adjusted, plan(params), u, window, candidates)
+
+
+# Batches of up to this many logits (8 rows of GPT-2's 50257) sample on one thread.
+ONE_THREAD_MAX = 8 * 50257
+
+
+@contextmanager
+def _one_thread(on):
+    """Torch's intra-op threads at one while inside, then back to what they were; if `on`.
+
+    Why: a step of this sampler is 150-250 small operations. On several threads each one
+    ends at a barrier, and on a busy machine a barrier waits for whichever thread the system
+    has set aside: on the 2-core EPYC at load average 7-9, top-p 0.9 on a random GPT-2's
+    logits took 157 ms a step at batch 1 with torch's 2 threads against 2.5 ms with one, and
+    228 against 16 ms at batch 8. Up to batch 8 the operations are small (docs/bench.md: on
+    a quiet machine a batch-1 step is ~100 of them, 0.9 ms alone), so a second thread has
+    little to gain there; larger batches keep the caller's threads, which split each pass
+    over the vocabulary when the machine is quiet. No result depends on the thread count
+    (tests/test_sampling.py checks a row alone and in a batch of 10).
+    """
+    threads = torch.get_num_threads()
+    if not on or threads == 1:
+        yield
+        return
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _sample_step(adjusted, params, u, window, candidates):
     # Temperature (step 5) is applied where it is needed: by `_listed` to each row's window
     # of best tokens (and to whole rows only where the window cannot settle them); greedy
     # rows divide by 1, their order being all that matters.

@@ -526,6 +526,30 @@ def test_paths_agree_on_gpt2_sized_flat_rows():
     assert int((listed.kept[1] & (listed.logits[1] == last)).sum()) == group
 
 
+def test_one_thread_up_to_batch_8_and_the_callers_threads_above_give_the_same_tokens():
+    # fast_sampling samples batches of up to 8 GPT-2 rows on one thread and larger ones on
+    # the caller's threads; a row's token must not depend on which (SAMPLING.md §4), and the
+    # caller's thread count comes back.
+    V = 50257
+    raw = torch.randn(10, V, generator=torch.Generator().manual_seed(17)) * 0.55
+    rows = [SamplingParams(top_p=0.9), SamplingParams(temperature=0.8, top_k=200, top_p=0.95)] * 5
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        assert 10 * V > fast_sampling.ONE_THREAD_MAX >= V
+        together = sample_step(raw, BatchParams(rows, V), [torch.Generator().manual_seed(i)
+                                                            for i in range(10)], V)
+        assert torch.get_num_threads() == 2
+        for r in range(10):
+            alone = sample_step(raw[r:r + 1], BatchParams(rows[r:r + 1], V),
+                                [torch.Generator().manual_seed(r)], V)
+            assert alone.tokens.item() == together.tokens[r].item()
+            assert torch.equal(alone.candidates.ids[0, :50], together.candidates.ids[r, :50])
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(threads)
+
+
 def test_paths_agree_with_bias_bans_and_penalties():
     gen = torch.Generator().manual_seed(7)
     raw = torch.randn(6, 400, generator=gen) * 3
