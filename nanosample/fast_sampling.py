@@ -71,9 +71,9 @@ def sample_step(adjusted, params, u, window=256, candidates=True):
 
     `candidates=False` skips listing the candidates for the explain trace (they and the ranks
     are then None): the tokens are the same, and a batch without top-k needs no window at all.
-    Up to ONE_THREAD_MAX logits, it runs on one of torch's threads (`_one_thread`).
+    Up to ONE_THREAD_MAX logits, it runs on one of torch's threads (`one_thread`).
     """
-    with _one_thread(adjusted.device.type == "cpu" and adjusted.numel() <= ONE_THREAD_MAX):
+    with one_thread(few_logits(adjusted)):
         return _sample_step(adjusted, plan(params), u, window, candidates)
 
 
@@ -81,8 +81,13 @@ def sample_step(adjusted, params, u, window=256, candidates=True):
 ONE_THREAD_MAX = 8 * 50257
 
 
+def few_logits(logits):
+    """Whether a batch of logits is small enough to sample on one thread (`one_thread`)."""
+    return logits.device.type == "cpu" and logits.numel() <= ONE_THREAD_MAX
+
+
 @contextmanager
-def _one_thread(on):
+def one_thread(on):
     """Torch's intra-op threads at one while inside, then back to what they were; if `on`.
 
     Why: a step of this sampler is 150-250 small operations. On several threads each one
