@@ -77,8 +77,9 @@ def sample_step(adjusted, params, u, window=256, candidates=True):
         return _sample_step(adjusted, plan(params), u, window, candidates)
 
 
-# Batches of up to this many logits (8 rows of GPT-2's 50257) sample on one thread.
-ONE_THREAD_MAX = 8 * 50257
+# Batches of up to this many logits (8 rows of GPT-2, padded to 50304 as nanoGPT does) sample
+# on one thread.
+ONE_THREAD_MAX = 8 * 50304
 
 
 def few_logits(logits):
