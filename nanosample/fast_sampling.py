@@ -17,7 +17,7 @@ only matter when u falls within ~1e-16 of a boundary). `sampling.sample_step` ch
 path runs (`sampling.use_fast_path`).
 """
 
-import math
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -25,7 +25,6 @@ import torch
 from nanosample import sampling
 
 NEG_INF = float("-inf")
-LOG2_E = 1 / math.log(2)
 FILTERS = ("top_k", "top_p", "min_p")  # the filters of sampling.FILTERS this module applies
 
 
@@ -72,8 +71,48 @@ def sample_step(adjusted, params, u, window=256, candidates=True):
 
     `candidates=False` skips listing the candidates for the explain trace (they and the ranks
     are then None): the tokens are the same, and a batch without top-k needs no window at all.
+    Up to ONE_THREAD_MAX logits, it runs on one of torch's threads (`one_thread`).
     """
-    params = plan(params)
+    with one_thread(few_logits(adjusted)):
+        return _sample_step(adjusted, plan(params), u, window, candidates)
+
+
+# Batches of up to this many logits (8 rows of GPT-2, padded to 50304 as nanoGPT does) sample
+# on one thread.
+ONE_THREAD_MAX = 8 * 50304
+
+
+def few_logits(logits):
+    """Whether a batch of logits is small enough to sample on one thread (`one_thread`)."""
+    return logits.device.type == "cpu" and logits.numel() <= ONE_THREAD_MAX
+
+
+@contextmanager
+def one_thread(on):
+    """Torch's intra-op threads at one while inside, then back to what they were; if `on`.
+
+    Why: a step of this sampler is 150-250 small operations. On several threads each one
+    ends at a barrier, and on a busy machine a barrier waits for whichever thread the system
+    has set aside: on the 2-core EPYC at load average 7-9, top-p 0.9 on a random GPT-2's
+    logits took 157 ms a step at batch 1 with torch's 2 threads against 2.5 ms with one, and
+    228 against 16 ms at batch 8. Up to batch 8 the operations are small (docs/bench.md: on
+    a quiet machine a batch-1 step is ~100 of them, 0.9 ms alone), so a second thread has
+    little to gain there; larger batches keep the caller's threads, which split each pass
+    over the vocabulary when the machine is quiet. No result depends on the thread count
+    (tests/test_sampling.py checks a row alone and in a batch of 10).
+    """
+    threads = torch.get_num_threads()
+    if not on or threads == 1:
+        yield
+        return
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _sample_step(adjusted, params, u, window, candidates):
     # Temperature (step 5) is applied where it is needed: by `_listed` to each row's window
     # of best tokens (and to whole rows only where the window cannot settle them); greedy
     # rows divide by 1, their order being all that matters.
@@ -149,7 +188,7 @@ def _window_above_floor(logits, width, scratch):
 
 
 WORD_OF_ONES = 0x0101010101010101  # an int64 with the value 1 in each of its 8 bytes
-SMALL = 1 << 18  # below this many elements, plain torch ops (fewer of them) are faster
+SMALL = 1 << 15  # below this many elements, plain torch ops (fewer of them) are faster
 
 
 def _zero_positions(x, scratch):
@@ -396,14 +435,12 @@ class _Buckets:
         top = logits.amax(dim=-1, keepdim=True)                          # (R, 1)
         span = (top - logits.amin(dim=-1, keepdim=True)).clamp_(1e-6, self.SPAN)
         shifted = torch.sub(logits, top, out=self._buffer("shifted", (R, V), torch.float32))
-        # Each token's mass exp(l - top): the difference in float64, where it is exact as in
-        # the reference's softmax; exp(x) as 2^(x log2 e), twice as fast in float64 on our CPU,
-        # differing in the last bits only, as two orders of summation do.
+        # Each token's mass exp(l - top): the difference in float64, where it is exact, then
+        # exp, as the reference's softmax computes it. (2^(x log2 e) took 15 % longer on the
+        # 2-core AMD EPYC the bench runs on, and rounds x log2 e besides: 296 against 250 us
+        # per row of 50257, `exp` measured on the logits of a random GPT-2, 16 rows at once.)
         weights = self._buffer("weights", (R, V), torch.float64).copy_(logits)
-        if bool((top.abs() < 2**20).all()):
-            torch.add(top.double() * -LOG2_E, weights, alpha=LOG2_E, out=weights).exp2_()
-        else:  # the fused form's rounding grows with |top| (a bias of 1e38 makes it inf)
-            weights.sub_(top.double()).mul_(LOG2_E).exp2_()
+        weights.sub_(top.double()).exp_()
         min_p_relative = None
         if params.uses_min_p:  # before `shifted` becomes the bucket numbers, in place
             min_p_relative = torch.exp(shifted)                          # as apply_min_p, float32
@@ -467,18 +504,18 @@ class _Buckets:
         """The bucket where the running sum first reaches target (> target when strict),
         its members sorted in the draw's order, as a small (R, C) table."""
         R = weights.shape[0]
-        bucket = torch.searchsorted(running, target[:, None], right=strict)[:, 0]
-        bucket = bucket.clamp(max=self.N_BUCKETS - 1)                     # (R,)
-        before = running.gather(-1, (bucket - 1).clamp(min=0)[:, None])[:, 0]
-        before = torch.where(bucket > 0, before, 0.0)                    # mass of the buckets ahead
-        off_bucket = torch.sub(self.bucket_f, bucket[:, None].float(),
+        bucket = torch.searchsorted(running, target[:, None], right=strict)
+        bucket = bucket.clamp_(max=self.N_BUCKETS - 1)                    # (R, 1)
+        ahead = running.gather(-1, (bucket - 1).clamp_(min=0))
+        before = ahead.masked_fill_(bucket == 0, 0.0)[:, 0]              # mass of the buckets ahead
+        off_bucket = torch.sub(self.bucket_f, bucket,
                                out=self._buffer("off_bucket", weights.shape, torch.float32))
         row, col = _zero_positions(off_bucket, self.scratch)              # ids ascend within a row
         count = torch.bincount(row, minlength=R)                          # (R,)
         ids, values, w = _pack_rows(row, count, [col, self.logits[row, col], weights[row, col]],
                                     [0, NEG_INF, 0.0])                    # (R, C)
         values, order = values.sort(dim=-1, descending=True, stable=True)  # ties keep id order
-        return _Table(bucket, before, ids.gather(-1, order), values, w.gather(-1, order),
+        return _Table(bucket[:, 0], before, ids.gather(-1, order), values, w.gather(-1, order),
                       target, strict)
 
     def draw(self, u):
@@ -531,11 +568,17 @@ class _Table:
     def first(self):
         """(R, 1) position of the first member whose running sum reaches the target. Where
         rounding leaves the members' sum a hair short of the bucket's, the last member."""
-        running = self.before[:, None] + self.w.cumsum(dim=-1)            # (R, C)
-        hit = running > self.target[:, None] if self.strict else running >= self.target[:, None]
-        hit &= self.w > 0
-        last = (self.w > 0).long().cumsum(dim=-1).argmax(dim=-1)         # the last weighted member
-        return torch.where(hit.any(dim=-1), hit.int().argmax(dim=-1), last)[:, None]
+        weighted = self.w > 0                                             # (R, C)
+        running = self.w.cumsum(dim=-1).add_(self.before[:, None])        # (R, C)
+        target = self.target[:, None]
+        hit = running > target if self.strict else running >= target
+        hit &= weighted
+        first = hit.int().argmax(dim=-1, keepdim=True)                    # (R, 1)
+        reached = hit.any(dim=-1, keepdim=True)
+        if bool(reached.all()):
+            return first
+        last = weighted.long().cumsum(dim=-1).argmax(dim=-1, keepdim=True)  # the last weighted member
+        return torch.where(reached, first, last)
 
 
 

@@ -300,8 +300,14 @@ def sample_step(logits, params, generators, n_valid, seen=None, counts=None, can
     are needed only when a row uses penalties. With `candidates=False` it skips listing the
     candidates for the explain trace (Step.candidates and Step.ranks are then None); the
     tokens are the same. `fast` picks a path (True: the fast one; None: as `use_fast_path`
-    says), for the tests and bench_sampler.py.
+    says), for the tests and bench_sampler.py. Small batches run on one of torch's threads
+    (`fast_sampling.one_thread` says why).
     """
+    with fast_sampling.one_thread(fast_sampling.few_logits(logits)):
+        return _sample_step(logits, params, generators, n_valid, seen, counts, candidates, fast)
+
+
+def _sample_step(logits, params, generators, n_valid, seen, counts, candidates, fast):
     logits = clean_logits(logits, n_valid)                                       # step 1
     if params.bias is not None:                                                  # step 2
         logits = apply_logit_bias(logits, params.bias)

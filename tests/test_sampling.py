@@ -218,12 +218,13 @@ def test_window_above_floor_equals_topk(width):
     assert torch.equal(logits.gather(-1, got_ids), got_values)
 
 
-@pytest.mark.parametrize("shape", [(5, 1003), (7, 50001)])  # the plain way; 8 flags at a time
+@pytest.mark.parametrize("shape", [(5, 1003), (7, 50001), (1, 50257)])  # plain; 8 flags at a time
 def test_zero_positions_equals_nonzero(shape):
     gen = torch.Generator().manual_seed(2)
     x = (torch.rand(*shape, generator=gen) * 40).floor() - 20     # ~1 in 40 entries is 0
-    x[3] = 0.0                                                     # a row of zeros
-    x[4] = 1.0                                                     # a row without
+    if shape[0] > 4:
+        x[3] = 0.0                                                 # a row of zeros
+        x[4] = 1.0                                                 # a row without
     rows, cols = fast_sampling._zero_positions(x, {})
     want_rows, want_cols = (x == 0).nonzero(as_tuple=True)
     assert torch.equal(rows, want_rows) and torch.equal(cols, want_cols)
@@ -489,6 +490,64 @@ def test_readable_and_fast_paths_agree(V):
         readable, fast = both_paths(raw, rows, [100 * trial + i for i in range(24)])
         assert_same_decisions(readable, fast, rows)
         assert readable.tokens[4] == 0  # greedy on a flat row: the lowest id, past any window
+
+
+def test_paths_agree_on_gpt2_sized_flat_rows():
+    # The bench's hard case: GPT-2's 50257 ids, rows as flat as a random GPT-2's (logits with
+    # a spread of ~0.55, so top-p 0.9 keeps tens of thousands of tokens and the bucketed search
+    # settles them), at batch 1 (one row: the plain-sized searches) and batch 6. The rows hold
+    # a tie group straddling top-p's cut, banned ids (-inf), and settings crossing top-p with
+    # temperature, top-k and min-p. The explain listing and the quick draw must agree too.
+    V = 50257
+    gen = torch.Generator().manual_seed(13)
+    raw = torch.randn(6, V, generator=gen) * 0.55
+    raw[1] = (raw[1] * 4).round() / 4                              # big tie groups
+    raw[2, ::2] = NEG_INF                                          # half the ids banned
+    raw[3, :50000] = NEG_INF                                       # 257 finite logits
+    rows = [SamplingParams(top_p=0.9), SamplingParams(top_p=0.9), SamplingParams(top_p=0.5),
+            SamplingParams(temperature=0.7, top_p=0.95), SamplingParams(top_k=30000, top_p=0.8),
+            SamplingParams(temperature=1.3, top_p=0.9, min_p=0.3)]
+    for trial in range(2):
+        seeds = [50 * trial + i for i in range(6)]
+        readable, fast = both_paths(raw, rows, seeds)
+        assert_same_decisions(readable, fast, rows)
+        params = BatchParams(rows, V)
+        quick = sample_step(raw, params, [torch.Generator().manual_seed(s) for s in seeds], V,
+                            candidates=False)
+        assert torch.equal(quick.tokens, readable.tokens)
+        alone = sample_step(raw[:1], BatchParams(rows[:1], V), [torch.Generator().manual_seed(seeds[0])],
+                            V, candidates=False)
+        assert alone.tokens.item() == readable.tokens[0].item()
+    # row 1's cut falls inside a tie group of thousands, and the whole group is kept
+    listed = fast.candidates
+    last = listed.logits[1, int(listed.n_kept[1]) - 1]
+    group = int((raw[1] == last).sum())
+    assert group > 1000
+    assert int((listed.kept[1] & (listed.logits[1] == last)).sum()) == group
+
+
+def test_one_thread_up_to_batch_8_and_the_callers_threads_above_give_the_same_tokens():
+    # fast_sampling samples batches of up to 8 GPT-2 rows on one thread and larger ones on
+    # the caller's threads; a row's token must not depend on which (SAMPLING.md §4), and the
+    # caller's thread count comes back.
+    V = 50257
+    raw = torch.randn(10, V, generator=torch.Generator().manual_seed(17)) * 0.55
+    rows = [SamplingParams(top_p=0.9), SamplingParams(temperature=0.8, top_k=200, top_p=0.95)] * 5
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        assert 10 * V > fast_sampling.ONE_THREAD_MAX >= V
+        together = sample_step(raw, BatchParams(rows, V), [torch.Generator().manual_seed(i)
+                                                            for i in range(10)], V)
+        assert torch.get_num_threads() == 2
+        for r in range(10):
+            alone = sample_step(raw[r:r + 1], BatchParams(rows[r:r + 1], V),
+                                [torch.Generator().manual_seed(r)], V)
+            assert alone.tokens.item() == together.tokens[r].item()
+            assert torch.equal(alone.candidates.ids[0, :50], together.candidates.ids[r, :50])
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(threads)
 
 
 def test_paths_agree_with_bias_bans_and_penalties():
