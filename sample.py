@@ -93,7 +93,8 @@ def load_and_run(parsed, init_from, prompt, prompt_flag, outputs, explain):
 
     try:
         device, dtype = resolve_device(settings.device, settings.dtype)
-        check_quantize(settings.quantize, device, dtype)
+        check_quantize(settings.quantize, device, dtype,
+                       parsed.sources.get("quantize", "--quantize"))
         check_cuda_graph(parsed, device)
         loaded = loader.load_model(init_from, out_dir=settings.out_dir,
                                    device=device, dtype=dtype, quantize=settings.quantize)

@@ -27,21 +27,24 @@ def resolve_device(device, dtype):
     return device, dtype
 
 
-def check_quantize(quantize, device, dtype):
+def check_quantize(quantize, device, dtype, source="--quantize"):
     """--quantize against the resolved --device and --dtype: the reduced-precision products
-    are CPU kernels that take a float32 model. A SettingsError says what to do instead."""
+    are CPU kernels that take a float32 model. A SettingsError says what to do instead, naming
+    `source`: the flag, or the config file that set it."""
     if quantize == "none":
         return
     from nanosample.quantize import check_available
 
+    where = f"--quantize={quantize}" if source.startswith("--") else f"{source}: quantize={quantize}"
+
     if device != "cpu":
-        raise SettingsError(f"--quantize={quantize}: the reduced-precision products run on the "
+        raise SettingsError(f"{where}: the reduced-precision products run on the "
                             f"CPU only, and this run's device is {device}; on a GPU use "
                             f"--dtype=bfloat16 (or float16) instead")
     if dtype != "float32":
-        raise SettingsError(f"--quantize={quantize}: needs --dtype=float32 (or auto), not "
+        raise SettingsError(f"{where}: needs --dtype=float32 (or auto), not "
                             f"{dtype}: the products' weights are made {quantize} from float32 "
                             f"and everything else stays float32")
     why_not = check_available(quantize)
     if why_not:
-        raise SettingsError(f"--quantize={quantize}: not available here: {why_not}")
+        raise SettingsError(f"{where}: not available here: {why_not}")

@@ -143,6 +143,15 @@ def test_a_bad_quantize_in_a_config_file_names_the_file(tmp_path):
     assert err.count("\n") == 1
 
 
+def test_quantize_with_a_reduced_dtype_from_a_config_file_names_the_file(tmp_path):
+    config = tmp_path / "q.toml"
+    config.write_text('quantize = "fp16"\ndtype = "float16"\ndevice = "cpu"\n')
+    code, out, err = sample_py(str(config), "--init_from=shakespeare_char")
+    assert code == 2 and out == ""
+    assert err.startswith(f"error: {config}: quantize=fp16: needs --dtype=float32")
+    assert err.count("\n") == 1
+
+
 def test_quantize_on_a_gpu_device_is_refused():
     from nanosample.device import check_quantize
     from nanosample.settings import SettingsError
