@@ -180,8 +180,8 @@ def gguf_plan(checkpoint_dir, gguf_dir, types, llama, convertible):
                   if not p.is_file() or (can_convert and p.stat().st_mtime < weights_time)]
     missing = [t for t in to_convert if not paths[t].is_file()]
     if missing and not can_convert:
-        why = ("the checkpoint is not a Hugging Face GPT-2 folder, which llama.cpp's converter "
-               "needs" if llama.convert is not None else
+        why = (f"{checkpoint_dir} is not a local Hugging Face GPT-2 folder, which llama.cpp's "
+               "converter needs" if llama.convert is not None else
                "no convert_hf_to_gguf.py was found to make it (--llamacpp_convert=LLAMA_CPP_SOURCE)")
         raise SettingsError(f"--gguf_dir={gguf_dir}: no {paths[missing[0]].name}, and {why}; "
                             "or convert it yourself: python convert_hf_to_gguf.py CHECKPOINT "
@@ -214,7 +214,8 @@ def convert_to_gguf(converter, checkpoint_dir, out_path, gguf_type, python=sys.e
         tmp = out_path.with_name(f"{out_path.name}.tmp{os.getpid()}")
         env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_VERBOSITY": "error"}
         done = subprocess.run([python, str(converter), str(view), "--outtype", gguf_type,
-                               "--outfile", str(tmp)], capture_output=True, text=True, env=env)
+                               "--outfile", str(tmp), "--model-name", checkpoint_dir.name],
+                              capture_output=True, text=True, env=env)
     if done.returncode != 0 or not tmp.is_file():
         with contextlib.suppress(OSError):
             tmp.unlink()
