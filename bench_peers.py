@@ -443,8 +443,9 @@ def peer_targets(section):
 def print_peers(section, with_ours=True):
     """The readable table of a "peers" section: llama.cpp's figures, and ours against them."""
     info = section["llamacpp"]
-    print(f"\nllama.cpp beside ours (build {info['build'] or '?'}, {info['threads']} threads; "
-          "tokens/s counting every sequence; llama.cpp does not sample)")
+    print(f"\nllama.cpp{' beside ours' if with_ours else ''} (build {info['build'] or '?'}, "
+          f"{info['threads']} threads; tokens/s counting every sequence; llama.cpp does not "
+          "sample)")
     print(f"  {'type':<6} {'batch':>5} {'new':>5} {'prompt tok/s':>13} {'decode tok/s':>13} "
           f"{'runs':>5}   {'ours / llama.cpp, decode (prompt)' if with_ours else ''}")
     for r in section["results"]:
