@@ -467,7 +467,8 @@ def print_peer_setting(peers, batch, new_tokens):
     for r in peers.results():
         if (r["batch"], r["new_tokens"]) == (batch, new_tokens):
             print(f"  llama.cpp {r['type']:<5} prompt {r['prompt_tokens_per_s']:7.1f} tok/s, "
-                  f"decode {r['decode_tokens_per_s']:7.1f} tok/s ({r['repeats']} runs)",
+                  f"decode {r['decode_tokens_per_s']:7.1f} tok/s ({r['repeats']} "
+                  f"run{'s' if r['repeats'] != 1 else ''})",
                   flush=True)
 
 
