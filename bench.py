@@ -16,6 +16,15 @@ system alike (each repeat runs every system once, in rotating order):
   the bytes of weights one decode step streams, divided by that bandwidth.
 - with `--systems=ours,compiled` (compiled is not in the default run): ours under
   torch.compile beside eager, its tokens/s and the time its first calls took (compiling).
+- with `--peers`: llama.cpp on the same weights (GGUF f32, f16, q8_0, converted by its own
+  convert_hf_to_gguf.py into the cache folder), with our thread count, its runs interleaved
+  with ours in the repeats of each (batch size, new tokens): `llama-bench` at batch 1 (the
+  prompt's tokens/s, and decode tokens/s after it), `llama-batched-bench -pps` above (one
+  prompt shared by B sequences, as our num_samples=B). The report's "peers" holds its figures
+  and the ratios ours / llama.cpp (fp32 against f32, fp16 and bf16 against f16, int8 against
+  q8_0; null where ours has no such system). The build is --llamacpp=DIR (its build/bin
+  folder) or llama-bench on PATH; without one, --peers stops before any work (exit code 2)
+  with one line saying how to build it. See bench_peers.py, which also runs alone.
 
 The settings are the same for every system: a 16-token prompt, `top_k` = temperature 0.8 and
 top-k 200 (nanoGPT's defaults) or `top_p` = temperature 1 and top-p 0.9 (top-k off); every
@@ -29,6 +38,7 @@ can (transformers is then given the same weights when the folder is in its forma
     .venv/bin/python bench.py --quick    # ~1 min: batch 1, 128 tokens, one repeat
     .venv/bin/python bench.py --full     # the whole matrix: long (an hour or more)
     .venv/bin/python bench.py --load_test   # ~8 min: the thread policy, alone and beside 2 busy ones
+    .venv/bin/python bench.py --quick --peers --llamacpp=~/llama.cpp/build/bin  # + llama.cpp
 
 --load_test measures sample.py's thread policy (nanosample/threads.py) instead of the systems:
 our decode tokens/s at batch 1 under the automatic policy, 1 thread and torch's default, each
@@ -51,6 +61,7 @@ import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
+import bench_peers
 from nanosample import cli
 from nanosample.cli import peak_rss_mb
 from nanosample.settings import SettingsError, parse_for_main, setting
@@ -67,12 +78,16 @@ SYSTEM_NAMES = {"ours": "ours (KV cache)", "hf": "transformers", "nocache": "no 
 REDUCED = ("fp16", "bf16", "int8")  # ours with --quantize=<mode>: its own copy of the model
 FIDELITY_STEPS = 256  # greedy steps over which a reduced-precision model is compared with fp32
 FIDELITY_GOALS = {"fp16": 0.99, "bf16": 0.99, "int8": 0.97}  # greedy agreement, shipped model
-PEAKED_LN_F_SCALE = 8.0  # random GPT-2's logits times this: peaked rows, like a trained model's
+PEAKED_LN_F_SCALE = 4.0  # random GPT-2's logits times this: peaked rows, like a trained model's
 # The default run: (batch size, new tokens) pairs, each with both samplers.
 DEFAULT_PLAN = ((1, 128), (8, 128), (1, 512), (64, 128))
 FULL_PLAN = tuple((b, n) for b in (1, 8, 64) for n in (128, 512))
 QUICK_PLAN = ((1, 128),)
 EARLY_STEPS = 128  # a long run's decode rate is compared with its first this many steps
+# Our system for each precision that bench_peers.PAIRS sets against a llama.cpp type; a
+# precision without one here (or not run) gets a null ratio.
+PRECISION_SYSTEMS = {"fp32": "ours", "fp16": "fp16", "bf16": "bf16", "int8": "int8"}
+RANDOM_NAME = "gpt2-124M-random"  # the random checkpoint's folder in the cache
 # 16 GPT-2 tokens, encoded by each system's own tokenizer
 COLD_PROMPT = "The quick brown fox jumps over the lazy dog, and then it runs far away"
 
@@ -130,11 +145,19 @@ class BenchSettings:
     competitors: int = setting(2, "busy processes (Python spin loops, one core each) that "
                                   "--load_test starts beside us, and kills at the end")
     seed: int = setting(1337, "random seed of the samplers")
+    peers: bool = setting(False,
+        "run llama.cpp beside ours on the same weights (its runs interleaved with ours; "
+        "needs a llama.cpp build: see --llamacpp; without one, exit code 2 and how to get it)")
+    llamacpp: str | None = setting(None, "with --peers: " + bench_peers.LLAMACPP_HELP)
+    llamacpp_convert: str | None = setting(None, "with --peers: " + bench_peers.CONVERT_HELP)
+    gguf_dir: str | None = setting(None, "with --peers: " + bench_peers.GGUF_DIR_HELP)
+    peer_types: tuple[str, ...] = setting(bench_peers.LLAMA_TYPES,
+                                          "with --peers: " + bench_peers.TYPES_HELP)
 
     def __post_init__(self):
-        for name in ("samplers", "systems"):  # --systems=ours,hf works as well as repeating it
-            words = tuple(w.strip() for v in getattr(self, name) for w in v.split(",") if w.strip())
-            object.__setattr__(self, name, words)
+        for name in ("samplers", "systems", "peer_types"):  # --systems=ours,hf works as well
+            object.__setattr__(self, name, bench_peers.split_words(getattr(self, name)))
+        bench_peers.check_types("peer_types", self.peer_types)
         for name in ("samplers", "systems"):
             if not getattr(self, name):  # --systems= names none
                 raise ValueError(f"{name}=: must name at least one of "
@@ -183,9 +206,14 @@ def effective(s):
 # ---------------------------------------------------------------------------------------------
 # The checkpoint
 
+def cache_root(cache_dir):
+    """--cache_dir, or its default: <temp dir>/nanosample-bench."""
+    return Path(cache_dir or Path(tempfile.gettempdir()) / "nanosample-bench")
+
+
 def random_gpt2_dir(cache_dir):
     """A random GPT-2 124M written by transformers' save_pretrained, made once and reused."""
-    directory = Path(cache_dir or Path(tempfile.gettempdir()) / "nanosample-bench") / "gpt2-124M-random"
+    directory = cache_root(cache_dir) / RANDOM_NAME
     if not (directory / "model.safetensors").is_file():
         import torch
         from transformers import GPT2Config, GPT2LMHeadModel
@@ -210,8 +238,8 @@ def is_hf_dir(path):
 
 def check_cache_dir(cache_dir):
     """--cache_dir: where the random checkpoint is written; checked before any work."""
-    directory = Path(cache_dir or Path(tempfile.gettempdir()) / "nanosample-bench")
-    if not (directory / "gpt2-124M-random" / "model.safetensors").is_file():
+    directory = cache_root(cache_dir)
+    if not (directory / RANDOM_NAME / "model.safetensors").is_file():
         cli.check_writable_dir(str(directory), f"--cache_dir={cache_dir}" if cache_dir
                                else f"the cache directory {directory} (set --cache_dir)")
 
@@ -552,6 +580,7 @@ def _main(argv):
     try:
         if s.init_from is None:
             check_cache_dir(s.cache_dir)
+        peer_plan = _peer_plan(s)
     except SettingsError as e:
         return cli.report_error(e)
 
@@ -572,7 +601,16 @@ def _main(argv):
         return cli.report_error(f"--cache_dir: cannot write the random checkpoint "
                                 f"({e.strerror})", cli.EXIT_FAILED)
 
-    bench = _Systems(s, loaded, directory)
+    peers = None
+    if peer_plan is not None:  # llama.cpp, with the same threads as ours
+        llama, paths, to_convert = peer_plan
+        try:
+            ggufs = bench_peers.prepare_ggufs(llama, directory, paths, to_convert)
+        except bench_peers.PeerError as e:
+            return cli.report_error(f"--peers: {e}", cli.EXIT_FAILED)
+        peers = bench_peers.Peers(llama, ggufs, torch.get_num_threads(), s.prompt_tokens)
+
+    bench = _Systems(s, loaded, directory, peers)
     report = {"bench": "generate", **_machine_report(bench, torch.get_num_threads())}
     bench.warm_up()
     results = [bench.time_setting(batch, new_tokens, sampler)
@@ -586,10 +624,51 @@ def _main(argv):
     report.update(prompt_tokens=s.prompt_tokens, settings=asdict(s), results=results, cold=cold,
                   compile_s=bench.compile_s, fidelity=fidelity)
     report["targets"] = check_targets(results, cold, fidelity)
+    report["peers"] = None
+    if peers is not None:
+        sampler = s.samplers[0]  # llama.cpp does not sample; ours with the first sampler
+        report["peers"] = {**peers.section(ours_for_peers(results, sampler, s.prompt_tokens)),
+                           "ours_sampler": sampler}
+        report["targets"] += bench_peers.peer_targets(report["peers"])
     report["seconds"] = time.perf_counter() - t_start
     print_summary(report)
     print(json.dumps(report, default=_json_default))
     return 0
+
+
+def _peer_plan(s):
+    """With --peers: (the llama.cpp build, {type: GGUF path}, [types to convert]), found before
+    any work; SettingsError (exit code 2) when there is no build, or a GGUF can be neither
+    found nor made. None without --peers."""
+    if not s.peers:
+        return None
+    llama = bench_peers.find_llamacpp(s.llamacpp, s.llamacpp_convert)
+    checkpoint = Path(s.init_from) if s.init_from else cache_root(s.cache_dir) / RANDOM_NAME
+    gguf_dir = Path(s.gguf_dir) if s.gguf_dir else cache_root(s.cache_dir) / "gguf"
+    convertible = s.init_from is None or is_hf_dir(checkpoint)
+    paths, to_convert = bench_peers.gguf_plan(checkpoint, gguf_dir, s.peer_types, llama,
+                                              convertible)
+    if to_convert:
+        cli.check_writable_dir(str(gguf_dir), f"--gguf_dir={s.gguf_dir}" if s.gguf_dir
+                               else f"the GGUF folder {gguf_dir} (set --gguf_dir)")
+    return llama, paths, to_convert
+
+
+def ours_for_peers(results, sampler, prompt_tokens):
+    """{(precision, batch, new tokens): our decode and prompt tokens/s}, as
+    bench_peers.peer_ratios takes them, from the rows of one sampler. Our prompt's rate is
+    the prefill's (the prompt through the model, and the first token chosen)."""
+    ours = {}
+    for r in results:
+        if r["sampler"] != sampler:
+            continue
+        for precision, system in PRECISION_SYSTEMS.items():
+            m = r["systems"].get(system)
+            if m is not None:
+                ours[(precision, r["batch"], r["new_tokens"])] = {
+                    "decode_tokens_per_s": m["decode_tokens_per_s"],
+                    "prompt_tokens_per_s": prompt_tokens / (m["prefill_ms"] / 1e3)}
+    return ours
 
 
 def _child_main(args):
@@ -628,15 +707,17 @@ def _machine_report(bench, threads):
 
 class _Systems:
     """The systems under test on one loaded model: ours, transformers (hf), the no-cache floor
-    and ours compiled; warmed up once, then timed setting by setting, interleaved."""
+    and ours compiled, and llama.cpp (bench_peers.Peers) with --peers; warmed up once, then
+    timed setting by setting, interleaved."""
 
-    def __init__(self, s, loaded, directory):
+    def __init__(self, s, loaded, directory, peers=None):
         import torch
         import transformers
         from nanosample.loader import load_model
         from nanosample.quantize import check_available
 
         self.s, self.loaded, self.model, self.tokenizer = s, loaded, loaded.model, loaded.tokenizer
+        self.peers = peers
         self.systems, self.hf_model = list(s.systems), None
         if "hf" in self.systems:
             if is_hf_dir(directory):
@@ -693,15 +774,39 @@ class _Systems:
                         self.compile_s[batch] = time.perf_counter() - t
                         print(f"torch.compile, batch {batch}: the first calls (compiling, 12 "
                               f"tokens) took {self.compile_s[batch]:.1f} s", flush=True)
+        if self.peers is not None:
+            try:
+                self.peers.warm_up([b for b, _ in plan])
+            except bench_peers.PeerError as e:
+                self._stop_peers(e)
+
+    def _stop_peers(self, error):
+        """A llama.cpp run failed: the benchmark goes on without it, and says so."""
+        self.peers.error = str(error)
+        print(f"note: llama.cpp stopped ({error}); going on without it", flush=True)
+
+    def peers_here(self, batch, sampler):
+        """llama.cpp runs with the first sampler's setting only: it does not sample."""
+        return (self.peers is not None and self.peers.error is None
+                and sampler == self.s.samplers[0] and self.peers.runs_batch(batch))
 
     def time_setting(self, batch, new_tokens, sampler):
         """Repeats of every system, rotating who goes first; the printed and returned row."""
         here = [x for x in self.systems if self.runs_here(x, batch, new_tokens)]
         runs = {x: [] for x in here}
+        if self.peers_here(batch, sampler):
+            here.append("llamacpp")  # in the rotation, its figures kept by self.peers
         started = time.perf_counter()
         floor_s = 0.0  # the no-cache floor runs once and does not count against the budget
         for rep in range(self.s.repeats):
             for system in here[rep % len(here):] + here[:rep % len(here)]:
+                if system == "llamacpp":
+                    if self.peers.error is None:
+                        try:
+                            self.peers.run(batch, new_tokens)
+                        except bench_peers.PeerError as e:
+                            self._stop_peers(e)
+                    continue
                 if system == "nocache" and runs[system]:
                     continue  # the floor: one run is plenty, and it is slow
                 t = time.perf_counter()
@@ -715,6 +820,8 @@ class _Systems:
                "systems": {x: summarize(r, batch, new_tokens) for x, r in runs.items()}}
         _add_ratios(row["systems"])
         print_setting(row)
+        if "llamacpp" in here:
+            bench_peers.print_peer_setting(self.peers, batch, new_tokens)
         return row
 
 
@@ -1058,6 +1165,8 @@ def print_summary(report):
         for x, c in cold.items():
             print(f"  {SYSTEM_NAMES[x]:<18} first token {c['first_token_s']:6.2f} s   "
                   f"peak RSS {c['peak_rss_mb']:7.0f} MiB   ({c['runs']} runs)")
+    if report["peers"] is not None:
+        bench_peers.print_peers(report["peers"])
     print("\nthe speed targets")
     for t in report["targets"]:
         mark = {True: "met", False: "NOT met", None: "not measured"}[t["met"]]
