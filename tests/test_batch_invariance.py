@@ -83,3 +83,45 @@ def test_samples_are_the_same_however_batched_on_near_flat_gpt2_rows(gpt2_shaped
     assert len({tuple(t) for t in one.values()}) == 20 and all(len(t) == 20 for t in one.values())
     for batch_size in (3, 8, 20):
         assert tokens(batch_size) == one, batch_size
+
+
+@pytest.mark.parametrize("in_features,out_features,most_rows", [
+    (64, 192, 1024), (768, 2304, 1024), (3072, 768, 1024), (768, VOCAB, 64)])
+def test_the_packed_route_gives_each_row_the_same_bits_whatever_the_row_count(
+        in_features, out_features, most_rows):
+    """cpu_kernels.packed_linear (the weight in oneDNN's layout, what the loaded model runs):
+    one row alone, no padding, and every row count up to `most_rows` agree bit for bit, and
+    with the unpacked route's result to float32 rounding."""
+    from nanosample.cpu_kernels import pack_weight, packed_linear
+
+    gen = torch.Generator().manual_seed(in_features + out_features + 1)
+    weight = torch.randn(out_features, in_features, generator=gen) * 0.02
+    bias = torch.randn(out_features, generator=gen) * 0.02
+    packed = pack_weight(weight)
+    x = torch.randn(most_rows, in_features, generator=gen)
+    everything = packed_linear(x, packed, bias, out_features)
+    alone = torch.cat([packed_linear(x[i:i + 1], packed, bias, out_features) for i in range(20)])
+    assert torch.equal(everything[:20], alone)
+    for rows in (*range(2, 21), 33, 64, 100, 257, 1024):
+        if rows <= most_rows:
+            got = packed_linear(x[:rows], packed, bias, out_features)
+            assert torch.equal(got, everything[:rows]), rows
+    assert torch.allclose(everything, linear(x, weight, bias), rtol=0, atol=1e-5)
+
+
+def test_the_loaded_model_runs_packed_weights_and_repacks_a_changed_one(gpt2_shaped):
+    layer = gpt2_shaped.model.transformer.h[0].mlp.c_fc
+    assert isinstance(layer, CPULinear) and layer.packed is not None
+    x = torch.randn(3, layer.in_features)
+    with torch.no_grad():
+        before = layer(x)
+        fresh = CPULinear(layer.in_features, layer.out_features)  # same numbers, new tensors
+        fresh.weight.copy_(layer.weight)
+        fresh.bias.copy_(layer.bias)
+        assert torch.equal(fresh(x), linear(x, layer.weight, layer.bias))  # never packed: linear
+        old = layer.weight
+        layer.weight = torch.nn.Parameter(old * 2)       # replaced: packed again
+        assert torch.allclose(layer(x), linear(x, old * 2, layer.bias), rtol=0, atol=1e-5)
+        layer.weight.mul_(0.5)                           # changed in place: packed again
+        assert torch.equal(layer(x), before)
+        layer.weight = old
