@@ -265,6 +265,7 @@ def test_ratios_pair_each_type_with_our_precisions_and_are_null_where_ours_is_mi
     assert targets == {
         "decode tokens/s vs llama.cpp f32, ours fp32, batch 1": (pytest.approx(0.9), False),
         "decode tokens/s vs llama.cpp f16, ours bf16, batch 1": (pytest.approx(1.1), True),
+        "decode tokens/s vs llama.cpp f16, ours fp16, batch 1": (None, None),
         "decode tokens/s vs llama.cpp q8_0, ours int8, batch 1": (None, None),
         "decode tokens/s vs llama.cpp f32, ours fp32, batch 8": (pytest.approx(1.3), True)}
 

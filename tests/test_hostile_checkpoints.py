@@ -569,5 +569,5 @@ def test_legacy_format_ckpt_still_loads(tmp_path):
     (tmp_path / "meta.pkl").write_bytes(pickle.dumps({"itos": dict(enumerate(CHARS))}))
     loaded = load_model(str(tmp_path))
     idx = torch.tensor([[1, 2, 3]])
-    with torch.no_grad():
-        assert torch.equal(loaded.model(idx), gpt(idx))
+    with torch.no_grad():  # the same weights; the loaded model's products round their own way
+        assert torch.allclose(loaded.model(idx), gpt(idx), rtol=0, atol=1e-6)
