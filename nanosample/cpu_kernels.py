@@ -24,8 +24,11 @@ torch.compile's CPU backend itself uses) where F.linear would use MKL. Two reaso
 `packed_linear` multiplies. Unpacked, oneDNN reorders the weight inside every call: a decode
 step then reads each weight twice and writes it once. Packed, it streams the weight once, and
 one kernel serves every row count, one row included (no padding): 1.8x faster per product on
-the 2-core EPYC (docs/speed.md), and held bit for bit by the same tests. The copy costs memory
-(the weights once more) and is made again if the weight is changed or replaced after packing.
+the 2-core EPYC (docs/speed.md), and held bit for bit by the same tests, and equal to the
+unpacked route's bits. The copy costs memory (the products' weights once more: +470 MB for
+GPT-2 124M), so `use_cpu_kernels` packs only while the machine's available memory keeps
+PACK_HEADROOM to spare; past it the layers keep the unpacked route (same bits, slower). A copy
+is made again if the weight is changed or replaced after packing.
 
 `linear` steps aside for plain F.linear (which autograd, autocast and torch.compile know):
 under torch.compile (inductor picks its own kernels, and tracing the private op fails), when
@@ -67,6 +70,19 @@ def pack_weight_op():
 # oneDNN picks the packed layout for a row count it is told; measured bit-identical for every
 # row count from 1 up with a layout packed for 2 (tests/test_batch_invariance.py holds it).
 PACKED_FOR_ROWS = 2
+PACK_HEADROOM = 0.5  # pack only if the copies leave at least this share of available memory
+
+
+def available_memory():
+    """Bytes of memory the system could give now (Linux's MemAvailable), or None."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
 
 
 def pack_weight(weight):
@@ -144,23 +160,30 @@ def use_cpu_kernels(model):
     """Swap every nn.Linear of `model` for a CPULinear sharing its parameters; returns `model`.
 
     Changes nothing off the CPU or where torch has no oneDNN linear. The swap keeps every
-    parameter object, so tied weights stay tied and the state dict keeps its names.
+    parameter object, so tied weights stay tied and the state dict keeps its names. Each
+    layer also gets its packed copy, where memory allows (see the top of this file).
     """
     if onednn_linear_op() is None or any(p.device.type != "cpu" for p in model.parameters()):
         return model
+    layers = [m for m in model.modules() if type(m) is nn.Linear]
+    copies = sum(m.weight.numel() * m.weight.element_size() for m in layers)
+    available = available_memory()
+    pack = available is None or copies <= (1 - PACK_HEADROOM) * available
     for parent in list(model.modules()):
         for name, child in list(parent.named_children()):
             if type(child) is nn.Linear:
-                setattr(parent, name, _routed(child))
+                setattr(parent, name, _routed(child, pack))
     return model
 
 
-def _routed(layer):
-    """A CPULinear holding `layer`'s own weight and bias (built on meta: nothing allocated)."""
+def _routed(layer, pack):
+    """A CPULinear holding `layer`'s own weight and bias (built on meta: nothing allocated),
+    with its packed copy if `pack`."""
     routed = CPULinear(layer.in_features, layer.out_features, bias=layer.bias is not None,
                        device="meta")
     routed.weight = layer.weight
     routed.bias = layer.bias
     routed.train(layer.training)
-    routed.pack()
+    if pack:
+        routed.pack()
     return routed

@@ -125,3 +125,20 @@ def test_the_loaded_model_runs_packed_weights_and_repacks_a_changed_one(gpt2_sha
         layer.weight.mul_(0.5)                           # changed in place: packed again
         assert torch.equal(layer(x), before)
         layer.weight = old
+
+
+def test_without_memory_to_spare_the_layers_stay_unpacked_with_the_same_bits(monkeypatch):
+    from nanosample import cpu_kernels
+
+    torch.manual_seed(3)
+    config = GPTConfig(block_size=16, vocab_size=300, n_layer=2, n_head=2, n_embd=64)
+    packed = cpu_kernels.use_cpu_kernels(GPT(config).eval())
+    monkeypatch.setattr(cpu_kernels, "available_memory", lambda: 100_000)  # 100 kB free
+    unpacked = GPT(config).eval()
+    unpacked.load_state_dict(packed.state_dict())
+    cpu_kernels.use_cpu_kernels(unpacked)
+    assert all(m.packed is not None for m in packed.modules() if isinstance(m, CPULinear))
+    assert all(m.packed is None for m in unpacked.modules() if isinstance(m, CPULinear))
+    idx = torch.randint(0, 300, (3, 10), generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        assert torch.equal(packed(idx), unpacked(idx))
