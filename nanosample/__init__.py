@@ -7,6 +7,10 @@ The modules, in the order a reader meets them:
     fast_sampling     the same sampler, exact and fast on large vocabularies (windows, buckets)
     generate   the loop: prefill, then decode token by token, streaming text
     loader     checkpoints: Hugging Face safetensors, nanoGPT ckpt.pt, the shipped model
+    cpu_kernels       the CPU products: oneDNN on packed weights, batch-invariant
+    quantize   --quantize: fp16, bf16 or int8 weights in the CPU products
+    static_decode     a fixed-shape decode step, captured as a CUDA graph on a GPU
+    threads    how many CPU threads, and how OpenMP's threads wait
     tokenizer  GPT-2's BPE (files shipped in assets/) and character vocabularies
     settings   the flags and config files of the scripts
     cli        the scripts' edge: `error:` lines and exit codes, bounded reads of user files,
