@@ -10,10 +10,12 @@ shipped model decoded at ~10 tokens/s on torch's 2 threads and ~97 on one. A sma
 has too little work per step to share between threads on any machine.
 
 The policy, in three parts:
-- `set_wait_policy`, before torch is imported: OMP_WAIT_POLICY=PASSIVE (a thread that waits
-  sleeps instead of spinning on a core someone else could use), unless the user set
-  OMP_WAIT_POLICY or GOMP_SPINCOUNT. libgomp reads them once, when `import torch` loads it; set
-  afterwards they do nothing (measured).
+- `set_wait_policy`, before torch is imported: how OpenMP's threads wait at a barrier
+  (WAIT_POLICY), unless the user set OMP_WAIT_POLICY or GOMP_SPINCOUNT. libgomp reads them
+  once, when `import torch` loads it; set afterwards they do nothing (measured). It is None
+  now, libgomp's own spinning: sleeping at once (PASSIVE) or after 1000 spins cost 5-10% on a
+  quiet machine, and on a busy one the thread count below falls to one, where no thread
+  waits for another.
 - `choose_threads`: as many threads as the model has work for (`useful_threads`: one per
   PARAMS_PER_THREAD parameters x rows of a decode step), no more than the cores other
   processes leave free, at least one, never more than torch's own default.
@@ -34,10 +36,15 @@ import sys
 import time
 from dataclasses import dataclass
 
-PARAMS_PER_THREAD = 32_000_000  # parameters x rows per decode step worth one more thread
+PARAMS_PER_THREAD = 1_000_000  # parameters x rows per decode step worth one more thread
+# (measured: the 2.7M shipped model is 7% faster on 2 threads than on 1 on a quiet 2-core EPYC;
+# below ~1M a step is too little work to share)
 RECHECK_S = 2.0                 # ThreadPolicy.check looks at the load at most this often
 MIN_WINDOW_S = 0.2              # a shorter window of /proc/stat ticks (10 ms each) says little
-WAIT_POLICY = ("OMP_WAIT_POLICY", "PASSIVE")  # what set_wait_policy sets
+# What set_wait_policy sets: (variable, value), or None to leave libgomp's own spinning. None:
+# PASSIVE cost 5-7% of a quiet machine's speed and GOMP_SPINCOUNT=1000 10% (bench.py
+# --load_test), while under load the thread count falls to one, where no thread waits.
+WAIT_POLICY = None
 USER_WAIT_VARS = ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT")  # either one: the user chose
 USER_COUNT_VARS = ("OMP_NUM_THREADS", "MKL_NUM_THREADS")
 
@@ -45,15 +52,16 @@ USER_COUNT_VARS = ("OMP_NUM_THREADS", "MKL_NUM_THREADS")
 # ---------------------------------------------------------------------------------------------
 # The OpenMP wait policy: environment variables, before torch is imported
 
-def set_wait_policy(environ=None):
-    """OMP_WAIT_POLICY=PASSIVE in `environ` (default os.environ) unless the user chose how
-    OpenMP threads wait (OMP_WAIT_POLICY or GOMP_SPINCOUNT set) or torch is already imported
-    (libgomp has read its settings then, and the variable would only reach child processes).
-    Returns whether it set it."""
+def set_wait_policy(environ=None, policy=WAIT_POLICY):
+    """`policy` (variable, value), e.g. ("OMP_WAIT_POLICY", "PASSIVE"), in `environ` (default
+    os.environ) unless it is None, the user chose how OpenMP threads wait (OMP_WAIT_POLICY or
+    GOMP_SPINCOUNT set) or torch is already imported (libgomp has read its settings then, and
+    the variable would only reach child processes). Returns whether it set it."""
     environ = os.environ if environ is None else environ
-    if any(name in environ for name in USER_WAIT_VARS) or "torch" in sys.modules:
+    if policy is None or any(name in environ for name in USER_WAIT_VARS) \
+            or "torch" in sys.modules:
         return False
-    name, value = WAIT_POLICY
+    name, value = policy
     environ[name] = value
     return True
 
@@ -74,8 +82,8 @@ def user_thread_variable(environ=None):
 
 def useful_threads(params, rows):
     """How many threads a decode step of `rows` rows through `params` parameters has work for:
-    one per PARAMS_PER_THREAD (the shipped 2.7M-parameter model: 1 up to 11 rows; GPT-2 124M:
-    3 at batch 1)."""
+    one per PARAMS_PER_THREAD (the shipped 2.7M-parameter model: 2 at batch 1, which on a quiet
+    2-core machine decodes 7% faster than 1; GPT-2 124M: as many as there are cores)."""
     return max(1, params * rows // PARAMS_PER_THREAD)
 
 

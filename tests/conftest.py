@@ -37,6 +37,19 @@ def model():
     return GPT(GPTConfig(block_size=24, vocab_size=32, n_layer=2, n_head=2, n_embd=32)).eval()
 
 
+def run_generate(model, tokenizer, prompt="the ", **kwargs):
+    """{sample: (text, reason, tokens)} of a generate call."""
+    from nanosample.generate import generate
+
+    out = {}
+    for piece in generate(model, tokenizer, tokenizer.encode(prompt), **kwargs):
+        text, reason, tokens = out.get(piece.sample, ("", None, []))
+        if piece.token is not None:
+            tokens = tokens + [piece.token]
+        out[piece.sample] = (text + piece.text, piece.reason if piece.done else reason, tokens)
+    return out
+
+
 REPO = Path(__file__).resolve().parent.parent
 
 

@@ -4,21 +4,12 @@ lengths, and generation past the context against a plain loop without a cache.""
 import pytest
 import torch
 
-from conftest import CHARS
+from conftest import CHARS, run_generate as run
 from nanosample.generate import TextStream, context_start, generate, sample_generator
 from nanosample.sampling import BatchParams, SamplingParams, sample_step
 from nanosample.tokenizer import CharTokenizer, gpt2_tokenizer
 
 
-def run(model, tokenizer, prompt="the ", **kwargs):
-    """{sample: (text, reason, tokens)} of a generate call."""
-    out = {}
-    for piece in generate(model, tokenizer, tokenizer.encode(prompt), **kwargs):
-        text, reason, tokens = out.get(piece.sample, ("", None, []))
-        if piece.token is not None:
-            tokens = tokens + [piece.token]
-        out[piece.sample] = (text + piece.text, piece.reason if piece.done else reason, tokens)
-    return out
 
 
 SETTINGS = SamplingParams(temperature=0.9, top_k=12, top_p=0.9)

@@ -13,11 +13,10 @@ import pytest
 import torch
 
 import conftest
-from conftest import CHARS
+from conftest import CHARS, run_generate as run
 from nanosample import generate as generate_module
 from nanosample import static_decode
 from nanosample.cpu_kernels import use_cpu_kernels
-from nanosample.generate import generate
 from nanosample.model import GPT, GPTConfig, KVCache
 from nanosample.sampling import SamplingParams
 from nanosample.settings import SampleSettings, SettingsError, parse_settings
@@ -64,15 +63,6 @@ def test_static_step_is_the_eager_step(batch, cpu_kernels):
     assert torch.allclose(static_cache.v, eager_cache.v, atol=1e-5)
 
 
-def run(model, tokenizer, prompt, **kwargs):
-    """{sample: (text, reason, tokens)} of a generate call."""
-    out = {}
-    for piece in generate(model, tokenizer, tokenizer.encode(prompt), **kwargs):
-        text, reason, tokens = out.get(piece.sample, ("", None, []))
-        if piece.token is not None:
-            tokens = tokens + [piece.token]
-        out[piece.sample] = (text + piece.text, piece.reason if piece.done else reason, tokens)
-    return out
 
 
 @pytest.fixture
