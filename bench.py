@@ -392,21 +392,20 @@ def fidelity_report(modes, directory, peaked, steps=FIDELITY_STEPS):
     PEAKED_LN_F_SCALE, for random weights, whose own rows are near-flat)."""
     import torch
     from nanosample.loader import load_model
-    from nanosample.quantize import quantize
 
     def load(path, mode):
-        model = load_model(str(path)).model
+        loaded = load_model(str(path), quantize=mode)
         if peaked and path == directory:
-            ln_f = model.transformer.ln_f
+            ln_f = loaded.model.transformer.ln_f
             ln_f.weight = torch.nn.Parameter(ln_f.weight * PEAKED_LN_F_SCALE)  # a copy: the
             # loaded weight may be a view of the file
-        return quantize(model, mode) if mode != "none" else model
+        return loaded
 
     report = {}
     for name, path in (("shipped", ROOT / "checkpoints" / "shakespeare_char"),
                        ("benchmarked", directory)):
-        reference = load(path, "none")
-        tokenizer = load_model(str(path)).tokenizer
+        loaded = load(path, "none")
+        reference, tokenizer = loaded.model, loaded.tokenizer
         n = tokenizer.n_vocab
         # several prompts, each short enough that prompt + FIDELITY_STEPS fits the context
         length = 1 if reference.config.block_size < steps + 15 else 16
@@ -415,7 +414,7 @@ def fidelity_report(modes, directory, peaked, steps=FIDELITY_STEPS):
             prompts = [tokenizer.encode(c) for c in ("\n", "R", "T", "W")]
         report[name] = {}
         for mode in modes:
-            reduced = load(path, mode)
+            reduced = load(path, mode).model
             runs = [greedy_fidelity(reference, reduced, p, steps) for p in prompts]
             report[name][mode] = {k: statistics.mean(r[k] for r in runs) for k in runs[0]}
             report[name][mode]["prompts"] = len(prompts)

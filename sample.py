@@ -45,7 +45,8 @@ import time
 
 from nanosample import cli, threads
 from nanosample.device import check_quantize, resolve_device
-from nanosample.settings import HelpRequested, SampleSettings, SettingsError, read_settings
+from nanosample.settings import (HelpRequested, SampleSettings, SettingsError, name_the_source,
+                                 read_settings)
 
 SEPARATOR = "---------------"
 DEFAULT_BATCH = 64  # samples per forward batch when --batch_size is None
@@ -175,8 +176,8 @@ def check_cuda_graph(parsed, device):
     """--cuda_graph=true on a device without CUDA is an error naming where it was set (auto
     is off there)."""
     if parsed.settings.cuda_graph and not device.startswith("cuda"):
-        where = parsed.sources.get("cuda_graph", "--cuda_graph")
-        where = "--cuda_graph=true" if where.startswith("--") else f"{where}: cuda_graph=true"
+        where = name_the_source("cuda_graph=true",
+                                {"cuda_graph": parsed.sources.get("cuda_graph", "--cuda_graph")})
         raise SettingsError(f"{where}: CUDA graphs need a CUDA device, and this run is on "
                             f"{device} (--device={parsed.settings.device}); leave it unset "
                             f"(None: on wherever CUDA is)")

@@ -90,13 +90,14 @@ def pack_weight(weight):
     return pack_weight_op()(weight.detach(), PACKED_FOR_ROWS)
 
 
-def packed_linear(x, packed, bias, out_features):
-    """x @ weight.T + bias with the weight packed by `pack_weight`: (..., in) -> (..., out)."""
+def packed_linear(x, packed, bias, out_features, op=None):
+    """x @ weight.T + bias with the weight packed by `pack_weight`: (..., in) -> (..., out).
+    `op`: `onednn_linear_op()`, when the caller has it already."""
     in_features = x.shape[-1]
     x2 = x.reshape(-1, in_features)                                       # (rows, in)
     if x2.shape[0] == 0:
         return x.new_zeros(*x.shape[:-1], out_features)
-    y = onednn_linear_op()(x2, packed, bias, "none", [], "")              # (rows, out)
+    y = (op or onednn_linear_op())(x2, packed, bias, "none", [], "")      # (rows, out)
     return y.reshape(*x.shape[:-1], out_features)
 
 
@@ -147,13 +148,13 @@ class CPULinear(nn.Linear):
             self._packed_from = (self.weight, self.weight._version)
 
     def forward(self, x):
-        if self.packed is None or onednn_linear_op() is None \
-                or _steps_aside(x, self.weight, self.bias):
+        op = onednn_linear_op()
+        if self.packed is None or op is None or _steps_aside(x, self.weight, self.bias):
             return linear(x, self.weight, self.bias)
         weight, version = self._packed_from
         if weight is not self.weight or version != self.weight._version:
             self.pack()  # the weight was replaced or changed in place since it was packed
-        return packed_linear(x, self.packed, self.bias, self.out_features)
+        return packed_linear(x, self.packed, self.bias, self.out_features, op)
 
 
 def use_cpu_kernels(model):

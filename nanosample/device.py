@@ -34,8 +34,9 @@ def check_quantize(quantize, device, dtype, source="--quantize"):
     if quantize == "none":
         return
     from nanosample.quantize import check_available
+    from nanosample.settings import name_the_source
 
-    where = f"--quantize={quantize}" if source.startswith("--") else f"{source}: quantize={quantize}"
+    where = name_the_source(f"quantize={quantize}", {"quantize": source})
 
     if device != "cpu":
         raise SettingsError(f"{where}: the reduced-precision products run on the "

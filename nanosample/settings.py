@@ -318,7 +318,7 @@ def read_settings(cls, argv=None, *, prog=None, description=""):
     try:
         return ParsedSettings(cls(**values), sources, ignored)
     except ValueError as e:
-        raise SettingsError(_name_the_source(str(e), sources)) from None
+        raise SettingsError(name_the_source(str(e), sources)) from None
 
 
 def _split_argv(argv, kinds):
@@ -446,7 +446,7 @@ def _nanogpt_entries(path, entries, foreign):
     return used, ignored
 
 
-def _name_the_source(message, sources):
+def name_the_source(message, sources):
     """Start a validation error ("top_p=1.5: ...") with the flag or file that set the value."""
     message = cli.one_line(message)  # whatever the validator wrote
     m = re.match(r"(\w+)=", message)
